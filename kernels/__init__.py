@@ -1,0 +1,1 @@
+"""GPU kernels (Triton) with plain-PyTorch references; no megatron imports."""
