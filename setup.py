@@ -1,15 +1,17 @@
 """ssa-megatron: SSA (Sparse Sparse Attention) pretraining on Megatron-core."""
 
 import sys
+from pathlib import Path
 
-if sys.version_info < (3, 10):
+# Checked before setuptools runs so the user sees the reason, not a resolver error.
+if sys.version_info < (3, 10):  # noqa: UP036 - the point is to refuse older interpreters
+    found = ".".join(str(part) for part in sys.version_info[:3])
     sys.exit(
-        f"ssa-megatron needs Python >= 3.10, but this is Python "
-        f"{sys.version_info.major}.{sys.version_info.minor}. Create a virtual environment "
-        "with a newer interpreter, e.g. `python3.11 -m venv .venv`."
+        f"ssa-megatron needs Python >= 3.10, but this is Python {found}. Create a virtual "
+        "environment with a newer interpreter, e.g. `python3.11 -m venv .venv`."
     )
 
-from setuptools import find_packages, setup  # noqa: E402
+from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
     # torch is left as a range so that a cluster keeps its own CUDA build; CPU machines
@@ -40,7 +42,7 @@ setup(
     name="ssa-megatron",
     version="0.1.0",
     description="Sparse Sparse Attention (SSA) pretraining on Megatron-core with Triton kernels",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ssa_megatron", "ssa_megatron.*", "kernels", "kernels.*"]),
