@@ -1,0 +1,192 @@
+"""SSA sparse-attention ops (see docs/architecture.md, "Contract: kernels.ssa").
+
+Layout ``[batch, seq, heads, head_dim]``; ``HQ = G * H`` and query head ``hq`` uses KV head
+``hq // G``. ``scale`` defaults to ``head_dim ** -0.5``. ``backend="auto"`` runs Triton on CUDA
+tensors and the plain-PyTorch reference (``kernels.ssa.naive``) on CPU tensors.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from kernels.ssa import naive
+from kernels.ssa._common import (
+    check_backend,
+    check_block_args,
+    check_qkv,
+    check_query_blocks,
+    doc_bounds,
+    resolve_scale,
+    total_blocks,
+)
+
+__all__ = ["block_keys", "dense_attention", "select_blocks", "selected_attention", "sparse_attention"]
+
+
+def _triton(backend: str, *tensors: torch.Tensor) -> bool:
+    check_backend(backend)
+    if backend == "auto":
+        return all(t.is_cuda for t in tensors)
+    return backend == "triton"
+
+
+def _triton_ops() -> ModuleType:
+    # Imported lazily so CPU-only users never load Triton.
+    from kernels.ssa import triton_ops
+
+    return triton_ops
+
+
+def block_keys(
+    k: torch.Tensor, block_size: int, *, cu_seqlens: torch.Tensor | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """Mean of each block of ``block_size`` keys, per KV head: ``[B, NB, H, D]`` in k's dtype.
+
+    With ``cu_seqlens`` blocks restart at each document start and the documents' blocks are
+    concatenated in order (document i contributes ceil(len_i / block_size) rows); a trailing
+    partial block is the mean of its tokens.
+    """
+    check_block_args(block_size)
+    if k.dim() != 4:
+        raise ValueError(f"k must be [batch, seq, heads, head_dim]; got {tuple(k.shape)}")
+    doc_bounds(cu_seqlens, k.shape[0], k.shape[1])
+    if _triton(backend, k):
+        return _triton_ops().block_keys(k, block_size, cu_seqlens=cu_seqlens)
+    return naive.block_keys(k, block_size, cu_seqlens=cu_seqlens)
+
+
+def select_blocks(
+    q: torch.Tensor,
+    kblock: torch.Tensor,
+    block_size: int,
+    block_count: int,
+    *,
+    q_offset: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Blocks each query attends to: int32 ``[B, Tq, H, block_count]``, ascending, -1 padded.
+
+    The own block ``t // block_size`` always, plus the top ``block_count - 1`` earlier blocks by
+    the group-summed softmax probability over the blocks complete at t (lower index wins ties).
+    Queries must lie inside the keys the blocks were built from. No gradient.
+    """
+    check_block_args(block_size, block_count)
+    # Only whole blocks are ever candidates, so without documents the exact key length does
+    # not matter; with documents cu_seqlens[-1] is the key length.
+    seq_len = int(cu_seqlens[-1]) if cu_seqlens is not None else kblock.shape[1] * block_size
+    scale = resolve_scale(scale, q.shape[-1])
+    check_query_blocks(q, kblock, q_offset, seq_len)
+    bounds = doc_bounds(cu_seqlens, q.shape[0], seq_len)
+    expect = total_blocks(bounds, block_size)
+    if cu_seqlens is not None and kblock.shape[1] != expect:
+        raise ValueError(
+            f"kblock has {kblock.shape[1]} blocks but cu_seqlens {bounds} with block_size {block_size} "
+            f"needs {expect}; build it with block_keys(k, block_size, cu_seqlens=cu_seqlens)"
+        )
+    if _triton(backend, q, kblock):
+        return _triton_ops().select_blocks(
+            q,
+            kblock,
+            block_size,
+            block_count,
+            q_offset=q_offset,
+            cu_seqlens=cu_seqlens,
+            scale=scale,
+            seq_len=seq_len,
+        )
+    return naive.select_blocks(
+        q,
+        kblock,
+        block_size,
+        block_count,
+        q_offset=q_offset,
+        cu_seqlens=cu_seqlens,
+        scale=scale,
+        seq_len=seq_len,
+    )
+
+
+def selected_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_size: int,
+    *,
+    q_offset: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of each query over the keys of its selected blocks, causal inside
+    them: ``(o [B, Tq, HQ, D], lse [B, Tq, HQ] fp32)``; differentiable in q, k, v."""
+    check_block_args(block_size)
+    check_qkv(q, k, v, q_offset)
+    doc_bounds(cu_seqlens, q.shape[0], k.shape[1])
+    want = (q.shape[0], q.shape[1], k.shape[2])
+    if block_idx.dim() != 4 or tuple(block_idx.shape[:3]) != want:
+        raise ValueError(
+            f"block_idx must be [B, Tq, H, block_count] with (B, Tq, H) = {want}; "
+            f"got {tuple(block_idx.shape)}"
+        )
+    scale = resolve_scale(scale, q.shape[-1])
+    if _triton(backend, q, k, v):
+        return _triton_ops().selected_attention(
+            q, k, v, block_idx, block_size, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale
+        )
+    return naive.selected_attention(
+        q, k, v, block_idx, block_size, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale
+    )
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_offset: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of queries at global positions ``[q_offset, q_offset + Tq)`` over keys
+    ``[0, Tk)`` (within each document): ``(o, lse fp32)``; differentiable in q, k, v."""
+    check_qkv(q, k, v, q_offset)
+    doc_bounds(cu_seqlens, q.shape[0], k.shape[1])
+    scale = resolve_scale(scale, q.shape[-1])
+    if _triton(backend, q, k, v):
+        return _triton_ops().dense_attention(q, k, v, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale)
+    return naive.dense_attention(q, k, v, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+    block_count: int,
+    *,
+    q_offset: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SSA sparse branch: block keys + selection + selected attention.
+
+    Returns ``(o, lse, block_idx)``; gradients flow to q, k, v through the attention only.
+    """
+    check_block_args(block_size, block_count)
+    check_qkv(q, k, v, q_offset)
+    doc_bounds(cu_seqlens, q.shape[0], k.shape[1])
+    scale = resolve_scale(scale, q.shape[-1])
+    if _triton(backend, q, k, v):
+        return _triton_ops().sparse_attention(
+            q, k, v, block_size, block_count, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale
+        )
+    return naive.sparse_attention(
+        q, k, v, block_size, block_count, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale
+    )
