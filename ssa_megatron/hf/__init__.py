@@ -1,0 +1,1 @@
+"""Standalone Hugging Face SSA model (copied into exported directories) and the export helpers."""

@@ -1,0 +1,121 @@
+"""Write a self-contained Hugging Face model directory for an SSA model.
+
+The directory holds ``model.safetensors``, ``config.json`` (with ``auto_map`` so
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` finds the classes), the
+modeling code (``HF_CODE_FILES``, copied verbatim: they import only torch and transformers),
+optionally the tokenizer files, and optionally ``ssa_kernels/``: a copy of this project's
+``kernels.ssa`` package whose absolute ``kernels.ssa`` imports are rewritten to relative ones so
+the copy imports as a private package of the model directory (see ``modeling_ssa.load_shipped_kernels``).
+
+This module is not shipped; it is the project side of the export.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+from pathlib import Path
+
+from .configuration_ssa import SSAConfig
+from .modeling_ssa import SHIPPED_KERNELS_DIR, SSAForCausalLM
+
+HF_CODE_FILES = ("configuration_ssa.py", "modeling_ssa.py", "ssa_attention.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_ssa.SSAConfig",
+    "AutoModel": "modeling_ssa.SSAModel",
+    "AutoModelForCausalLM": "modeling_ssa.SSAForCausalLM",
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+_HF_DIR = Path(__file__).resolve().parent
+
+# `from kernels.ssa import x` -> `from . import x`; `from kernels.ssa.m import x` -> `from .m import x`.
+_FROM_PACKAGE = re.compile(r"^(\s*)from kernels\.ssa import ", re.MULTILINE)
+_FROM_SUBMODULE = re.compile(r"^(\s*)from kernels\.ssa\.(\w+) import ", re.MULTILINE)
+_ANY_ABSOLUTE = re.compile(r"\bkernels\.ssa\b|^\s*import kernels\b|^\s*from kernels\b", re.MULTILINE)
+
+
+def _strip_docstrings_mentions(source: str) -> str:
+    """Source with string literals blanked, so the leftover-import check ignores docstrings/comments."""
+    source = re.sub(r'"""[\s\S]*?"""', '""', source)
+    source = re.sub(r"'''[\s\S]*?'''", "''", source)
+    return re.sub(r"#.*", "", source)
+
+
+def ship_kernels(out_dir: str | Path) -> Path:
+    """Copy ``kernels/ssa/*.py`` to ``<out_dir>/ssa_kernels/`` with package-relative imports."""
+    spec = importlib.util.find_spec("kernels.ssa")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("cannot find the kernels.ssa package to ship; is ssa-megatron installed?")
+    src = Path(next(iter(spec.submodule_search_locations)))
+    dst = Path(out_dir) / SHIPPED_KERNELS_DIR
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for path in sorted(src.glob("*.py")):
+        text = _FROM_SUBMODULE.sub(r"\1from .\2 import ", path.read_text(encoding="utf-8"))
+        text = _FROM_PACKAGE.sub(r"\1from . import ", text)
+        leftover = _ANY_ABSOLUTE.search(_strip_docstrings_mentions(text))
+        if leftover:
+            raise ValueError(
+                f"{path}: import form {leftover.group(0)!r} cannot be rewritten for shipping; use "
+                "`from kernels.ssa import x` or `from kernels.ssa.module import x`"
+            )
+        (dst / path.name).write_text(text, encoding="utf-8")
+    return dst
+
+
+def copy_tokenizer(tokenizer_path: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy tokenizer files (a ``*.json``/``*.model`` file, or a directory holding ``TOKENIZER_FILES``)
+    into ``out_dir`` under HF names, adding ``tokenizer_config.json`` for ``AutoTokenizer`` if absent."""
+    src = Path(tokenizer_path)
+    if src.is_dir():
+        pairs = [(src / name, name) for name in TOKENIZER_FILES if (src / name).is_file()]
+    elif src.is_file() and src.suffix in (".json", ".model"):
+        pairs = [(src, "tokenizer" + src.suffix)]
+    else:
+        raise FileNotFoundError(
+            f"tokenizer {src} is neither a tokenizer.json / sentencepiece .model file "
+            "nor a directory holding one"
+        )
+    names = [name for _, name in pairs]
+    if not {"tokenizer.json", "tokenizer.model"} & set(names):
+        raise ValueError(f"{src}: no tokenizer.json (HF tokenizers) or tokenizer.model (sentencepiece) found")
+    out = Path(out_dir)
+    for path, name in pairs:
+        shutil.copyfile(path, out / name)
+    if "tokenizer_config.json" not in names:
+        # A tokenizer.json needs only the `tokenizers` library; a sentencepiece model needs sentencepiece.
+        cls = "PreTrainedTokenizerFast" if "tokenizer.json" in names else "LlamaTokenizer"
+        (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": cls}, indent=2) + "\n")
+        names.append("tokenizer_config.json")
+    return names
+
+
+def save_hf_directory(
+    model: SSAForCausalLM,
+    out_dir: str | Path,
+    *,
+    tokenizer_path: str | Path | None = None,
+    include_kernels: bool = True,
+) -> Path:
+    """Write ``model`` as a self-contained HF directory (see module docstring); returns its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config: SSAConfig = model.config
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["SSAForCausalLM"]
+    model.save_pretrained(out, safe_serialization=True)
+    for name in HF_CODE_FILES:
+        shutil.copyfile(_HF_DIR / name, out / name)
+    if include_kernels:
+        ship_kernels(out)
+    if tokenizer_path is not None:
+        copy_tokenizer(tokenizer_path, out)
+    return out

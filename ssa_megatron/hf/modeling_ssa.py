@@ -1,0 +1,369 @@
+"""Hugging Face model of an SSA decoder (shipped inside exported model directories).
+
+Loads with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` where only
+transformers, torch and safetensors are installed, so this file imports nothing from this
+project: its attention math lives in the sibling ``ssa_attention.py`` (copied with it).
+
+Attention back ends. Every attention call goes through an "ops" object that follows the
+``kernels.ssa`` contract (``dense_attention``, ``sparse_attention``). The default is the PyTorch
+path in ``ssa_attention.py``. An exported directory may also carry a copy of the project's Triton
+kernels in ``<dir>/ssa_kernels/``; ``from_pretrained`` imports it when CUDA is available and the
+import succeeds (triton present), and the layers then use it for CUDA tensors, falling back to the
+PyTorch path for CPU tensors or when ``config.use_kernels == "never"``. In-repo users can inject
+``kernels.ssa`` with ``model.set_attention_ops(kernels.ssa)``.
+
+Modes: ``config.attention_mode`` (``"sparse"`` default, or ``"full"``) and ``config.block_count``
+are defaults; ``forward``/``generate`` accept ``attention_mode=`` and ``block_count=`` per call.
+KV cache: keys are cached after RoPE; in sparse mode every decoding step recomputes the block keys
+of the cache and selects blocks for the new queries at their absolute positions, so cached decoding
+gives exactly the logits of the no-cache forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from types import ModuleType, SimpleNamespace
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .configuration_ssa import ATTENTION_MODES, SSAConfig
+from .ssa_attention import attention_statistics, dense_attention, sparse_attention
+
+logger = logging.getLogger(__name__)
+
+TORCH_OPS = SimpleNamespace(dense_attention=dense_attention, sparse_attention=sparse_attention)
+SHIPPED_KERNELS_DIR = "ssa_kernels"
+
+
+def load_shipped_kernels(model_dir: str, *, require_cuda: bool = True) -> ModuleType | None:
+    """Import ``<model_dir>/ssa_kernels`` (a copy of the project's ``kernels.ssa``) when usable, else None.
+
+    Only attempted with CUDA available (unless ``require_cuda=False``, which tests use to check the copy
+    on CPU), since the Triton kernels run on CUDA tensors only; any
+    import failure (no triton, incompatible version) falls back to the PyTorch path with a warning.
+    """
+    init = os.path.join(model_dir, SHIPPED_KERNELS_DIR, "__init__.py")
+    if not os.path.isfile(init) or (require_cuda and not torch.cuda.is_available()):
+        return None
+    # A name unique per directory so two exported models never share a cached module.
+    name = "ssa_shipped_kernels_" + hashlib.sha1(os.path.abspath(model_dir).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, init, submodule_search_locations=[os.path.dirname(init)]
+    )
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        logger.warning(
+            "SSA Triton kernels in %s not usable (%s); using the PyTorch attention path", init, exc
+        )
+        return None
+    return module
+
+
+class SSARMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class SSARotaryEmbedding(nn.Module):
+    """RoPE (non-interleaved halves, like Llama and Megatron) with any transformers rope_scaling type."""
+
+    def __init__(self, config: SSAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.rope_type = (config.rope_scaling or {}).get("rope_type", "default")
+        if self.rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"rope_scaling type {self.rope_type!r} is unknown; use one of {sorted(ROPE_INIT_FUNCTIONS)}"
+            )
+        inv_freq, self.attention_factor = ROPE_INIT_FUNCTIONS[self.rope_type](config, None)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if self.rope_type == "dynamic":
+            # Dynamic NTK rescales the base from the longest position seen in this call.
+            seq_len = int(position_ids.max()) + 1
+            inv_freq, _ = ROPE_INIT_FUNCTIONS["dynamic"](self.config, position_ids.device, seq_len=seq_len)
+        freqs = position_ids.float().unsqueeze(-1) * inv_freq.to(position_ids.device).float()
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [B, T, heads, D]``, ``cos/sin [B, T, D]``."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * cos + _rotate_half(x) * sin
+
+
+class SSAAttention(nn.Module):
+    """QKV projections, RoPE, dense or SSA sparse attention, per-head sigmoid gate, output projection."""
+
+    def __init__(self, config: SSAConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        # The paper's gated attention: one sigmoid gate per query head, computed from the layer input.
+        self.head_gate = nn.Linear(hidden, self.num_heads, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.kernel_ops: Any = None
+        self.stats_sink: list[dict[str, Any]] | None = None
+
+    def _ops(self, x: torch.Tensor) -> Any:
+        if self.kernel_ops is not None and x.is_cuda and self.config.use_kernels == "auto":
+            return self.kernel_ops
+        return TORCH_OPS
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: Cache | None,
+        mode: str,
+        block_count: int,
+    ) -> torch.Tensor:
+        b, t, _ = hidden.shape
+        q = apply_rope(self.q_proj(hidden).view(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(hidden).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(hidden).view(b, t, self.num_kv_heads, self.head_dim)
+        if cache is not None:
+            k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            k, v = k_all.transpose(1, 2), v_all.transpose(1, 2)
+        q_offset = k.shape[1] - t
+        ops = self._ops(q)
+        if mode == "full":
+            o, _ = ops.dense_attention(q, k, v, q_offset=q_offset)
+        else:
+            o, _, _ = ops.sparse_attention(q, k, v, self.config.block_size, block_count, q_offset=q_offset)
+        if self.stats_sink is not None:
+            with torch.no_grad():
+                stats = attention_statistics(q, k, self.config.block_size, block_count, q_offset=q_offset)
+            self.stats_sink.append({"layer": self.layer_idx, **stats})
+        gate = torch.sigmoid(self.head_gate(hidden)).unsqueeze(-1)
+        return self.o_proj((o.to(hidden.dtype) * gate).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class SSAMLP(nn.Module):
+    def __init__(self, config: SSAConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SSADecoderLayer(nn.Module):
+    def __init__(self, config: SSAConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = SSARMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = SSAAttention(config, layer_idx)
+        self.post_attention_layernorm = SSARMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SSAMLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: Cache | None,
+        mode: str,
+        block_count: int,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mode, block_count)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SSAPreTrainedModel(PreTrainedModel):
+    config_class = SSAConfig
+    base_model_prefix = "model"
+    _no_split_modules: ClassVar[list[str]] = ["SSADecoderLayer"]
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=std)
+        elif isinstance(module, SSARMSNorm):
+            module.weight.data.fill_(1.0)
+
+
+class SSAModel(SSAPreTrainedModel):
+    def __init__(self, config: SSAConfig) -> None:
+        super().__init__(config)
+        config.validate_ssa()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(SSADecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = SSARMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = SSARotaryEmbedding(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: Cache | None,
+        mode: str,
+        block_count: int,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = (
+                torch.arange(past, past + x.shape[1], device=x.device).unsqueeze(0).expand(x.shape[0], -1)
+            )
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, mode, block_count)
+        return self.norm(x)
+
+
+class SSAForCausalLM(SSAPreTrainedModel, GenerationMixin):
+    _tied_weights_keys: ClassVar[list[str]] = ["lm_head.weight"]
+
+    def __init__(self, config: SSAConfig) -> None:
+        super().__init__(config)
+        self.model = SSAModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> SSAForCausalLM:
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model.config.validate_ssa()
+        if os.path.isdir(str(pretrained_model_name_or_path)):
+            kernels = load_shipped_kernels(str(pretrained_model_name_or_path))
+            if kernels is not None:
+                model.set_attention_ops(kernels)
+        return model
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def _attention_layers(self) -> list[SSAAttention]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def set_attention_ops(self, ops: Any) -> None:
+        """Use ``ops`` (any object with the ``kernels.ssa`` ``dense_attention``/``sparse_attention``
+        signatures) for CUDA tensors; ``None`` restores the PyTorch path everywhere."""
+        for attn in self._attention_layers():
+            attn.kernel_ops = ops
+
+    @contextlib.contextmanager
+    def collect_attention_stats(self) -> Iterator[list[dict[str, Any]]]:
+        """Within the block, every attention layer appends a dict with ``layer`` and ``sparsity``,
+        ``entropy``, ``kl_sparse_full`` (fp32 ``[B, Tq, HQ]``; see ``ssa_attention.attention_statistics``)
+        per forward call, computed on the q/k of the mode being run with the block_count of that call."""
+        sink: list[dict[str, Any]] = []
+        for attn in self._attention_layers():
+            attn.stats_sink = sink
+        try:
+            yield sink
+        finally:
+            for attn in self._attention_layers():
+                attn.stats_sink = None
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        attention_mode: str | None = None,
+        block_count: int | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        mode = attention_mode or self.config.attention_mode
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {mode!r}")
+        block_count = int(block_count or self.config.block_count)
+        if block_count < 1:
+            raise ValueError(f"block_count must be >= 1, got {block_count}")
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            # Block selection is defined on contiguous token positions; a padded row would shift blocks.
+            raise ValueError(
+                "SSA models do not support padding in attention_mask (blocks are contiguous positions); "
+                "run sequences of equal length or one sequence at a time"
+            )
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        hidden = self.model(
+            input_ids, inputs_embeds, position_ids, past_key_values if use_cache else None, mode, block_count
+        )
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        logits = self.lm_head(hidden[:, keep])
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None
+        )

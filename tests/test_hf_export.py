@@ -1,0 +1,113 @@
+"""An exported directory loads with only transformers/torch/safetensors (isolated process, no project)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssa_megatron.hf.export import HF_CODE_FILES, copy_tokenizer, save_hf_directory
+from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
+from ssa_megatron.hf.presets import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs under `python -I` (no PYTHONPATH, no cwd on sys.path); a meta-path finder makes any import of this
+# project or of megatron fail, so a hidden dependency of the shipped code shows up as an ImportError.
+ISOLATED = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+    BLOCKED = ("ssa_megatron", "kernels", "megatron")
+    repo, model_dir, ids_path = sys.argv[1:4]
+    # The project is installed editable in this venv: drop its finder so it is not importable at all.
+    keep = lambda f: "editable" not in str(getattr(f, "__module__", "")).lower()
+    sys.meta_path[:] = [f for f in sys.meta_path if keep(f)]
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                # Refuse to find (like an absent package) so optional-dependency probes see "not installed".
+                return None if name == "kernels" else self._refuse(name)
+        def _refuse(self, name):
+            raise ModuleNotFoundError(f"blocked import of {name}", name=name)
+    sys.meta_path.insert(0, Block())
+    assert not any(p and repo.rstrip("/") == p.rstrip("/") for p in sys.path), sys.path
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    ids = torch.load(ids_path)
+    out = {}
+    with torch.no_grad():
+        out["sparse"] = model(ids, use_cache=False).logits.tolist()
+        out["full"] = model(ids, use_cache=False, attention_mode="full").logits.tolist()
+        gen = model.generate(ids[:, :6], max_new_tokens=12, do_sample=False, pad_token_id=0)
+        out["generate"] = gen.tolist()
+        # The shipped Triton package must import from the directory alone (CUDA is not needed to import it).
+        loader = sys.modules[type(model).__module__].load_shipped_kernels
+        kernels = loader(model_dir, require_cuda=False)
+        q, k, v = torch.randn(1, 20, 4, 8), torch.randn(1, 20, 2, 8), torch.randn(1, 20, 2, 8)
+        mine = sys.modules[type(model).__module__].sparse_attention(q, k, v, 4, 3)[0]
+        shipped = kernels.sparse_attention(q, k, v, 4, 3, backend="naive")[0]
+        out["kernel_diff"] = (mine - shipped).abs().max().item()
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    out["leaked"] = leaked
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+@pytest.mark.slow
+def test_exported_directory_loads_in_isolated_process(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = SSAForCausalLM(tiny_config(tie_word_embeddings=True)).eval()
+    out_dir = save_hf_directory(model, tmp_path / "export")
+    assert {p.name for p in out_dir.iterdir()} >= {
+        *HF_CODE_FILES,
+        "config.json",
+        "model.safetensors",
+        "ssa_kernels",
+    }
+    ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(1))
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", ISOLATED, str(ROOT), str(out_dir), str(tmp_path / "ids.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert result["leaked"] == []
+    with torch.no_grad():
+        for mode in ("sparse", "full"):
+            expected = model(ids, use_cache=False, attention_mode=mode).logits
+            torch.testing.assert_close(torch.tensor(result[mode]), expected, rtol=1e-5, atol=1e-5)
+        generated = model.generate(ids[:, :6], max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert result["generate"] == generated.tolist()
+    assert result["kernel_diff"] < 1e-5
+
+
+def test_tokenizer_copy_writes_a_loadable_config(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "my_tok.json"))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert copy_tokenizer(tmp_path / "my_tok.json", out) == ["tokenizer.json", "tokenizer_config.json"]
+    assert AutoTokenizer.from_pretrained(out)("hello world")["input_ids"] == [1, 2]
+    with pytest.raises(FileNotFoundError, match=r"missing\.json"):
+        copy_tokenizer(tmp_path / "missing.json", out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"no tokenizer\.json"):
+        copy_tokenizer(empty, out)
