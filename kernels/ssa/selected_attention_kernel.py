@@ -1,0 +1,339 @@
+"""Triton selected-block attention: forward, dq, and deterministic dk/dv.
+
+Forward and dq: one program per (query token, KV head) holds the G query heads of the group
+as GP rows (padded to >= 16 for the tensor cores) and walks its selected blocks KN keys at a
+time with an online softmax; the group shares its selections, so every K/V tile it loads serves
+all G heads.
+
+dk/dv without float atomics: the (query, block) pairs are sorted by key block on the host
+(stable argsort, so each block's query list is in query order) and cut into segments of at
+most SEG queries. One program per segment accumulates that segment's dk/dv partial in fp32;
+a second kernel sums each block's segments in order. Same inputs, same bits, every run, and a
+block that every query selects (an attention sink) is spread over many programs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.ssa._plan import Plan, next_pow2
+from kernels.ssa.selection_kernel import LOG2E, _dot
+
+SEG = 256  # queries per dk/dv program
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, IDX, OUT, LSE, QDOC,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, si_b, si_t, si_h, so_b, so_t, so_h, sl_b, sl_t, sl_h,
+    q_offset, qk_scale, H, G, BC,
+    BS: tl.constexpr, GP: tl.constexpr, KN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    d = tl.arange(0, D)
+    q = tl.load(
+        Q + b * sq_b + i * sq_t + (h * G + g)[:, None] * sq_h + d[None, :], mask=g_ok[:, None], other=0.0
+    )
+    doc = tl.load(QDOC + i)
+    loc = q_offset + i - doc
+    kk = tl.arange(0, KN)
+    c_in = kk // BS
+    r = kk % BS
+    m = tl.full([GP], float("-inf"), tl.float32)
+    acc_l = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sk_b + h * sk_h
+    for c0 in range(0, BC, KN // BS):
+        c = c0 + c_in
+        blk = tl.load(IDX + b * si_b + i * si_t + h * si_h + c, mask=c < BC, other=-1)
+        kloc = blk * BS + r
+        ok = (blk >= 0) & (kloc <= loc)
+        kpos = doc + kloc
+        kt = tl.load(k_base + kpos[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(kt), IEEE) * qk_scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        acc_l = acc_l * alpha + tl.sum(p, 1)
+        vt = tl.load(v_base + kpos[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE)
+        m = m_new
+    o = acc / acc_l[:, None]
+    lse = (m + tl.log2(acc_l)) / 1.4426950408889634
+    tl.store(OUT + b * so_b + i * so_t + (h * G + g)[:, None] * so_h + d[None, :], o.to(OUT.dtype.element_ty),
+             mask=g_ok[:, None])  # fmt: skip
+    tl.store(LSE + b * sl_b + i * sl_t + (h * G + g) * sl_h, lse, mask=g_ok)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, IDX, DO, LSE, DELTA, DQ, QDOC,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, si_b, si_t, si_h, sl_b, sl_t, sl_h,
+    q_offset, qk_scale, scale, H, G, BC,
+    BS: tl.constexpr, GP: tl.constexpr, KN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    # DO and DQ share q's strides (the wrapper makes them contiguous like q).
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    d = tl.arange(0, D)
+    qo_off = b * sq_b + i * sq_t + (h * G + g)[:, None] * sq_h + d[None, :]
+    q = tl.load(Q + qo_off, mask=g_ok[:, None], other=0.0)
+    do = tl.load(DO + qo_off, mask=g_ok[:, None], other=0.0)
+    l_off = b * sl_b + i * sl_t + (h * G + g) * sl_h
+    lse2 = tl.load(LSE + l_off, mask=g_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + l_off, mask=g_ok, other=0.0)
+    doc = tl.load(QDOC + i)
+    loc = q_offset + i - doc
+    kk = tl.arange(0, KN)
+    c_in = kk // BS
+    r = kk % BS
+    dq = tl.zeros([GP, D], tl.float32)
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sk_b + h * sk_h
+    for c0 in range(0, BC, KN // BS):
+        c = c0 + c_in
+        blk = tl.load(IDX + b * si_b + i * si_t + h * si_h + c, mask=c < BC, other=-1)
+        kloc = blk * BS + r
+        ok = (blk >= 0) & (kloc <= loc)
+        kpos = doc + kloc
+        kt = tl.load(k_base + kpos[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
+        vt = tl.load(v_base + kpos[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(kt), IEEE) * qk_scale
+        p = tl.where(ok[None, :] & g_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = _dot(do, tl.trans(vt), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), kt, IEEE)
+    tl.store(DQ + qo_off, (dq * scale).to(DQ.dtype.element_ty), mask=g_ok[:, None])
+
+
+@triton.jit
+def _dkdv_segment_kernel(
+    Q, K, V, DO, LSE, DELTA, TOK, SEG_KEY, SEG_LO, SEG_HI, BLK_START, BLK_LEN, PDK, PDV,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_t, sl_h,
+    q_offset, qk_scale, scale, H, G, NB,
+    BS: tl.constexpr, GP: tl.constexpr, QC: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    seg = tl.program_id(0)
+    key = tl.load(SEG_KEY + seg)
+    lo = tl.load(SEG_LO + seg)
+    hi = tl.load(SEG_HI + seg)
+    bh = key // NB
+    row = key % NB
+    b = bh // H
+    h = bh % H
+    kstart = tl.load(BLK_START + row)
+    klen = tl.load(BLK_LEN + row)
+    r = tl.arange(0, BS)
+    d = tl.arange(0, D)
+    k_ok = r < klen
+    kv_off = b * sk_b + (kstart + r)[:, None] * sk_t + h * sk_h + d[None, :]
+    kt = tl.load(K + kv_off, mask=k_ok[:, None], other=0.0)
+    vt = tl.load(V + kv_off, mask=k_ok[:, None], other=0.0)
+    M: tl.constexpr = QC * GP
+    rows = tl.arange(0, M)
+    t_in = rows // GP
+    g = rows % GP
+    dk = tl.zeros([BS, D], tl.float32)
+    dv = tl.zeros([BS, D], tl.float32)
+    for j0 in range(lo, hi, QC):
+        jj = j0 + t_in
+        t_ok = jj < hi
+        tok = tl.load(TOK + jj, mask=t_ok, other=0)
+        row_ok = t_ok & (g < G)
+        qo_off = b * sq_b + tok[:, None] * sq_t + (h * G + g)[:, None] * sq_h + d[None, :]
+        q = tl.load(Q + qo_off, mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + qo_off, mask=row_ok[:, None], other=0.0)
+        l_off = b * sl_b + tok * sl_t + (h * G + g) * sl_h
+        lse2 = tl.load(LSE + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
+        qpos = q_offset + tok
+        s = _dot(q, tl.trans(kt), IEEE) * qk_scale
+        live = row_ok[:, None] & k_ok[None, :] & ((kstart + r)[None, :] <= qpos[:, None])
+        p = tl.where(live, tl.exp2(s - lse2[:, None]), 0.0)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        dp = _dot(do, tl.trans(vt), IEEE)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    out_off = seg * BS * D + r[:, None] * D + d[None, :]
+    tl.store(PDK + out_off, dk * scale)
+    tl.store(PDV + out_off, dv)
+
+
+@triton.jit
+def _dkdv_reduce_kernel(
+    PDK, PDV, KEY_SEG0, KEY_NSEG, BLK_START, BLK_LEN, DK, DV,
+    sk_b, sk_t, sk_h, H, NB,
+    BS: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
+    key = tl.program_id(0)
+    bh = key // NB
+    row = key % NB
+    b = bh // H
+    h = bh % H
+    first = tl.load(KEY_SEG0 + key)
+    count = tl.load(KEY_NSEG + key)
+    r = tl.arange(0, BS)
+    d = tl.arange(0, D)
+    dk = tl.zeros([BS, D], tl.float32)
+    dv = tl.zeros([BS, D], tl.float32)
+    for s in range(first, first + count):
+        off = s * BS * D + r[:, None] * D + d[None, :]
+        dk += tl.load(PDK + off)
+        dv += tl.load(PDV + off)
+    kstart = tl.load(BLK_START + row)
+    klen = tl.load(BLK_LEN + row)
+    out = b * sk_b + (kstart + r)[:, None] * sk_t + h * sk_h + d[None, :]
+    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=(r < klen)[:, None])
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=(r < klen)[:, None])
+
+
+def _geometry(g: int, block_size: int) -> tuple[int, int]:
+    # The tensor cores need >= 16 rows; KN keys per step keeps the K/V tile near 64 rows.
+    return max(16, next_pow2(g)), max(block_size, 64)
+
+
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int, q_offset: int,
+    scale: float, plan: Plan,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    b, tq, hq, d = q.shape
+    h = k.shape[2]
+    gp, kn = _geometry(hq // h, block_size)
+    o = torch.empty_like(q)
+    lse = torch.empty(b, tq, hq, device=q.device, dtype=torch.float32)
+    _fwd_kernel[(tq, b * h)](
+        q, k, v, idx, o, lse, plan.q_doc,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        idx.stride(0), idx.stride(1), idx.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        q_offset, scale * LOG2E, h, hq // h, idx.shape[3],
+        BS=block_size, GP=gp, KN=kn, D=d, IEEE=q.dtype == torch.float32, num_warps=4,
+    )  # fmt: skip
+    return o, lse
+
+
+def _segments(
+    idx: torch.Tensor, plan: Plan, h: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries grouped by the key block they selected, cut into segments of at most SEG."""
+    b, tq, _, bc = idx.shape
+    dev = idx.device
+    nb = plan.n_blocks
+    sel = idx.long()
+    rows = sel + plan.q_base.long().view(1, tq, 1, 1)
+    bh = torch.arange(b, device=dev).view(b, 1, 1, 1) * h + torch.arange(h, device=dev).view(1, 1, h, 1)
+    keys = torch.where(sel >= 0, bh * nb + rows, torch.full_like(rows, b * h * nb))
+    tok = torch.arange(tq, device=dev, dtype=torch.int32).view(1, tq, 1, 1).expand(b, tq, h, bc)
+    keys = keys.reshape(-1)
+    # Stable: within a block, queries stay in ascending order, so sums run in a fixed order.
+    order = torch.argsort(keys, stable=True)
+    keys_sorted = keys[order]
+    tok_sorted = tok.reshape(-1)[order].contiguous()
+    n_keys = b * h * nb
+    counts = torch.bincount(keys_sorted, minlength=n_keys + 1)[:n_keys]
+    starts = torch.cumsum(counts, 0) - counts
+    nseg = (counts + SEG - 1) // SEG
+    seg0 = torch.cumsum(nseg, 0) - nseg
+    seg_key = torch.repeat_interleave(torch.arange(n_keys, device=dev), nseg)
+    within = torch.arange(seg_key.numel(), device=dev) - seg0[seg_key]
+    seg_lo = starts[seg_key] + within * SEG
+    seg_hi = torch.minimum(seg_lo + SEG, starts[seg_key] + counts[seg_key])
+    i32 = torch.int32
+    return (
+        tok_sorted, seg_key.to(i32), seg_lo.to(i32), seg_hi.to(i32), seg0.to(i32), nseg.to(i32),
+    )  # fmt: skip
+
+
+def _backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    do: torch.Tensor, dlse: torch.Tensor | None, block_size: int, q_offset: int, scale: float, plan: Plan,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    b, tq, hq, d = q.shape
+    h = k.shape[2]
+    g = hq // h
+    gp, kn = _geometry(g, block_size)
+    ieee = q.dtype == torch.float32
+    do = do.contiguous()
+    # d lse / d s = p, so a gradient on lse enters exactly like -Delta in dS = P * (dP - Delta).
+    delta = (do.float() * o.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    dq = torch.empty_like(q)
+    _dq_kernel[(tq, b * h)](
+        q, k, v, idx, do, lse, delta, dq, plan.q_doc,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        idx.stride(0), idx.stride(1), idx.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+        q_offset, scale * LOG2E, scale, h, g, idx.shape[3],
+        BS=block_size, GP=gp, KN=kn, D=d, IEEE=ieee, num_warps=4,
+    )  # fmt: skip
+    tok, seg_key, seg_lo, seg_hi, seg0, nseg = _segments(idx, plan, h)
+    n_seg = seg_key.numel()
+    pdk = torch.empty(max(n_seg, 1), block_size, d, device=q.device, dtype=torch.float32)
+    pdv = torch.empty_like(pdk)
+    qc = max(1, 64 // gp)
+    if n_seg:
+        _dkdv_segment_kernel[(n_seg,)](
+            q, k, v, do, lse, delta, tok, seg_key, seg_lo, seg_hi, plan.blk_start, plan.blk_len, pdk, pdv,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            lse.stride(0), lse.stride(1), lse.stride(2),
+            q_offset, scale * LOG2E, scale, h, g, plan.n_blocks,
+            BS=block_size, GP=gp, QC=qc, D=d, IEEE=ieee, num_warps=4,
+        )  # fmt: skip
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    _dkdv_reduce_kernel[(b * h * plan.n_blocks,)](
+        pdk, pdv, seg0, nseg, plan.blk_start, plan.blk_len, dk, dv,
+        k.stride(0), k.stride(1), k.stride(2), h, plan.n_blocks,
+        BS=block_size, D=d,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class SelectedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        idx: torch.Tensor,
+        block_size: int,
+        q_offset: int,
+        scale: float,
+        plan: Plan,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        o, lse = _forward(q, k, v, idx, block_size, q_offset, scale, plan)
+        ctx.save_for_backward(q, k, v, idx, o, lse)
+        ctx.args = (block_size, q_offset, scale, plan)
+        return o, lse
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor, dlse: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, idx, o, lse = ctx.saved_tensors
+        block_size, q_offset, scale, plan = ctx.args
+        dq, dk, dv = _backward(q, k, v, idx, o, lse, do, dlse, block_size, q_offset, scale, plan)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def selected_attention_planned(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int, q_offset: int,
+    scale: float, plan: Plan,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return SelectedAttention.apply(q, k, v, idx.contiguous(), block_size, q_offset, scale, plan)

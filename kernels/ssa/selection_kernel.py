@@ -1,0 +1,140 @@
+"""Triton block selection: fused scoring, per-head LSE over complete blocks, group sum, top-k.
+
+One program owns a tile of BT consecutive queries of one document and one KV head, with all
+G query heads of the group stacked as rows (BT * GP rows, GP = G padded to a power of two), so
+each block-key tile is loaded once per group and scored with one tensor-core product.
+Pass 1 computes each row's log-sum-exp over the blocks complete at its position; pass 2
+recomputes the logits, turns them into probabilities, sums them over the group and keeps a
+running top-KP per query. Nothing of size T x NB ever reaches memory.
+
+Exact, deterministic ranking: a candidate's score (a non-negative fp32) and its block index are
+packed into one int64 key, (score bits << 32) | (2^31 - 1 - j), so one integer sort orders by
+score and, on equal scores, puts the lower block index first. The running top-KP list is
+merged with each tile's top-KP by the bitonic rule: for A sorted descending and B ascending,
+max(A_i, B_i) is exactly the top-KP multiset of A and B.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.ssa._plan import Plan, next_pow2, query_tiles
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _select_kernel(
+    Q, KB, OUT, TILE_Q0, TILE_Q1, QDOC, QBASE,
+    sq_b, sq_t, sq_h, skb_b, skb_n, skb_h, so_b, so_t, so_h,
+    q_offset, qk_scale, H, G, BC,
+    BS: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
+    D: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q0 = tl.load(TILE_Q0 + tile)
+    q1 = tl.load(TILE_Q1 + tile)
+    doc = tl.load(QDOC + q0)
+    base = tl.load(QBASE + q0)
+
+    M: tl.constexpr = BT * GP
+    rows = tl.arange(0, M)
+    t_row = rows // GP
+    g_row = rows % GP
+    row_ok = (q0 + t_row < q1) & (g_row < G)
+    d = tl.arange(0, D)
+    q_ptr = Q + b * sq_b + (q0 + t_row)[:, None] * sq_t + (h * G + g_row)[:, None] * sq_h + d[None, :]
+    q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
+    loc_row = q_offset + q0 + t_row - doc
+    complete_row = (loc_row + 1) // BS
+    last = q_offset + q1 - 1 - doc
+    complete_max = (last + 1) // BS
+    own_max = last // BS
+
+    cols = tl.arange(0, BN)
+    kb_base = KB + b * skb_b + h * skb_h + base * skb_n
+
+    # Pass 1: log2-sum-exp of each row over the blocks complete at its position.
+    m = tl.full([M], float("-inf"), tl.float32)
+    acc = tl.zeros([M], tl.float32)
+    for n0 in range(0, complete_max, BN):
+        n = n0 + cols
+        kb = tl.load(kb_base + n[:, None] * skb_n + d[None, :], mask=(n < complete_max)[:, None], other=0.0)
+        s = _dot(q, tl.trans(kb), IEEE) * qk_scale
+        s = tl.where(n[None, :] < complete_row[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m = m_new
+    lse = tl.where(acc > 0, m + tl.log2(tl.maximum(acc, 1e-30)), 0.0)
+
+    # Pass 2: group-summed probabilities of the candidates, merged into a running top-KP.
+    t_vec = tl.arange(0, BT)
+    t_ok = q0 + t_vec < q1
+    own_t = (q_offset + q0 + t_vec - doc) // BS
+    run = tl.full([BT, KP], -1, tl.int64)
+    for n0 in range(0, own_max, BN):
+        n = n0 + cols
+        kb = tl.load(kb_base + n[:, None] * skb_n + d[None, :], mask=(n < own_max)[:, None], other=0.0)
+        s = _dot(q, tl.trans(kb), IEEE) * qk_scale
+        live = (n[None, :] < complete_row[:, None]) & row_ok[:, None]
+        p = tl.where(live, tl.exp2(s - lse[:, None]), 0.0)
+        score = tl.sum(tl.reshape(p, [BT, GP, BN]), 1)
+        key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0x7FFFFFFF - n).to(tl.int64)[None, :]
+        key = tl.where((n[None, :] < own_t[:, None]) & t_ok[:, None], key, -1)
+        key = tl.sort(key, dim=1)
+        top = tl.max(tl.reshape(key, [BT, BN // KP, KP]), 1)
+        run = tl.sort(tl.maximum(run, top), dim=1, descending=True)
+
+    # The first BC - 1 valid keys, ascending by block index, then the own block, then -1.
+    slot = tl.arange(0, KP)
+    valid = (run >= 0) & (slot[None, :] < BC - 1)
+    idx = tl.where(valid, 0x7FFFFFFF - (run & 0xFFFFFFFF), 0x7FFFFFFF)
+    idx = tl.sort(idx, dim=1)
+    n_valid = tl.sum(valid.to(tl.int32), 1)
+    own_or_pad = tl.where(slot[None, :] == n_valid[:, None], own_t[:, None].to(tl.int64), -1)
+    res = tl.where(slot[None, :] < n_valid[:, None], idx, own_or_pad)
+    out_ptr = OUT + b * so_b + (q0 + t_vec)[:, None] * so_t + h * so_h + slot[None, :]
+    tl.store(out_ptr, res.to(tl.int32), mask=t_ok[:, None] & (slot[None, :] < BC))
+
+
+def select_blocks_planned(
+    q: torch.Tensor, kblock: torch.Tensor, block_size: int, block_count: int, q_offset: int, scale: float,
+    plan: Plan,
+) -> torch.Tensor:  # fmt: skip
+    b, tq, hq, d = q.shape
+    h = kblock.shape[2]
+    g = hq // h
+    out = torch.empty(b, tq, h, block_count, device=q.device, dtype=torch.int32)
+    if block_count == 1:
+        # No candidate slot: only the own block, which needs no scoring.
+        pos = q_offset + torch.arange(tq, device=q.device, dtype=torch.int32)
+        out.copy_(((pos - plan.q_doc) // block_size).view(1, tq, 1, 1).expand_as(out))
+        return out
+    gp = max(next_pow2(g), 1)
+    kp = next_pow2(block_count)
+    bt = max(1, min(64, 128 // gp))
+    bn = max(kp, 64)
+    tile_q0, tile_q1 = query_tiles(plan, bt, q.device)
+    _select_kernel[(tile_q0.numel(), b * h)](
+        q, kblock, out, tile_q0, tile_q1, plan.q_doc, plan.q_base,
+        q.stride(0), q.stride(1), q.stride(2), kblock.stride(0), kblock.stride(1), kblock.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        q_offset, scale * LOG2E, h, g, block_count,
+        BS=block_size, BT=bt, GP=gp, BN=bn, KP=kp, D=d, IEEE=q.dtype == torch.float32,
+        num_warps=4 if kp <= 64 else 8,
+    )  # fmt: skip
+    return out
