@@ -1,0 +1,191 @@
+"""SSA alignment loss: value, gradient hook, loss scale and a per-layer metrics tracker.
+
+The loss of one layer is the paper's two-way term with stop-gradients,
+``L = f(h_full, sg(h_sparse)) + f(sg(h_full), h_sparse)`` with f = SmoothL1 (beta 1) or MSE, as a mean
+over every element of the *global* per-head attention output (before the gate, so the gate cannot
+shrink the outputs to shrink the loss). With tensor parallelism a rank holds a slice of heads and with
+context parallelism a slice of the sequence, so the value is the all-reduced sum over the TP x CP group
+divided by the all-reduced element count, and the differentiable part is the local sum divided by that
+global count: summing the gradients of the CP ranks (as DP x CP gradient reduction does) gives the
+single-GPU gradient, and TP ranks' partial gradients meet in the column-parallel input all-reduce.
+
+The model objective is ``CE + alignment_weight * mean_over_layers(L)``. Each layer attaches
+``alignment_weight / num_layers * L_local`` to its main attention output with ``AlignmentLossAutoScaler``
+(megatron's MoE/DSA aux-loss pattern): the forward returns the activation unchanged and the backward
+feeds ``loss_scale`` as the aux loss's gradient. megatron-core 0.16.1's schedules set such scales only for
+MoE and MTP, so the training loop calls ``set_alignment_loss_scale(alignment_loss_scale(...))`` once per
+step, before ``forward_backward_func``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _elementwise(kind: str) -> type:
+    if kind == "smooth_l1":
+        return lambda a, b: F.smooth_l1_loss(a, b, reduction="sum", beta=1.0)
+    if kind == "mse":
+        return lambda a, b: F.mse_loss(a, b, reduction="sum")
+    raise ValueError(f"alignment_loss={kind!r} is not one of smooth_l1, mse")
+
+
+def alignment_loss_sum(h_full: torch.Tensor, h_sparse: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
+    """Local sum of the two-way alignment term (fp32): each direction pulls one branch to the other's
+    detached output. Divide by the global element count for the mean."""
+    f = _elementwise(kind)
+    full, sparse = h_full.float(), h_sparse.float()
+    return f(full, sparse.detach()) + f(full.detach(), sparse)
+
+
+def _tp_cp_group() -> dist.ProcessGroup | None:
+    if not dist.is_initialized():
+        return None
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    return parallel_state.get_tensor_and_context_parallel_group()
+
+
+def global_alignment_loss(
+    h_full: torch.Tensor,
+    h_sparse: torch.Tensor,
+    kind: str = "smooth_l1",
+    group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(local_part, value)``: ``local_part`` (differentiable) is local sum / global count; ``value`` is
+    the detached global mean, identical on every rank of the TP x CP group (``group``, default megatron's)."""
+    local_sum = alignment_loss_sum(h_full, h_sparse, kind)
+    count = torch.tensor(float(h_full.numel()), dtype=torch.float64, device=local_sum.device)
+    stats = torch.stack([local_sum.detach().double(), count])
+    group = group if group is not None else _tp_cp_group()
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(stats, group=group)
+    count = stats[1]
+    return local_sum / count.float(), (stats[0] / count).float()
+
+
+class AlignmentLossAutoScaler(torch.autograd.Function):
+    """Attach an aux loss to an activation: identity forward; backward gives the loss ``loss_scale``."""
+
+    main_loss_backward_scale: torch.Tensor | None = None
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (aux_loss,) = ctx.saved_tensors
+        scale = AlignmentLossAutoScaler.main_loss_backward_scale
+        if scale is None:
+            scale = torch.ones((), device=aux_loss.device)
+        return grad_output, torch.ones_like(aux_loss) * scale.to(aux_loss.device, aux_loss.dtype)
+
+    @staticmethod
+    def set_loss_scale(scale: torch.Tensor) -> None:
+        AlignmentLossAutoScaler.main_loss_backward_scale = scale.detach().reshape(())
+
+
+def set_alignment_loss_scale(scale: torch.Tensor | float) -> None:
+    """The gradient the alignment loss gets in backward (what the CE loss's scaling is to CE)."""
+    AlignmentLossAutoScaler.set_loss_scale(torch.as_tensor(scale, dtype=torch.float32))
+
+
+def alignment_loss_scale(
+    num_microbatches: int,
+    context_parallel_size: int = 1,
+    grad_scale: float = 1.0,
+    calculate_per_token_loss: bool = False,
+    tokens_per_step: float | None = None,
+    data_parallel_size: int = 1,
+) -> float:
+    """The scale that weights the alignment term like megatron weights the CE loss.
+
+    Default (``calculate_per_token_loss=False``): CE gradients are divided by the number of micro-batches
+    and later averaged over the DP x CP group; each CP rank's aux gradient is only its share of the
+    global-mean loss, so it is multiplied by the CP size (as schedules.py does for the MoE aux loss):
+    ``grad_scale * cp / num_microbatches``. ``grad_scale`` is the mixed-precision loss scale
+    (``config.grad_scale_func(1)``), 1 in fp32/bf16.
+
+    Per-token mode: gradients are summed and finally divided by the global token count
+    ``tokens_per_step`` (over DP x CP and micro-batches); to keep the alignment term a per-micro-batch
+    mean averaged over DP, the scale is ``grad_scale * tokens_per_step / (dp * num_microbatches)``.
+    """
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be >= 1; got {num_microbatches}")
+    if not calculate_per_token_loss:
+        return grad_scale * context_parallel_size / num_microbatches
+    if tokens_per_step is None:
+        raise ValueError("calculate_per_token_loss=True needs tokens_per_step (the grad divisor)")
+    return grad_scale * tokens_per_step / (data_parallel_size * num_microbatches)
+
+
+def attach_alignment_loss(main: torch.Tensor, weighted_local_loss: torch.Tensor) -> torch.Tensor:
+    """Return ``main`` carrying ``weighted_local_loss`` into backward."""
+    return AlignmentLossAutoScaler.apply(main, weighted_local_loss)
+
+
+class SSAMetricsTracker:
+    """Per-layer alignment loss and attention sparsity, accumulated over micro-batches between reports.
+
+    ``alignment``: the global (TP x CP) value per micro-batch, so summed per layer and counted.
+    ``sparsity``: ``exp(lse_sparse - lse_full)`` (the full-attention mass inside the selected blocks, the
+    paper's Definition 1), summed and counted locally, reduced over TP x CP at report time. Layers of other
+    pipeline stages are zero here and summed in over the PP group; the result is averaged over DP.
+    """
+
+    def __init__(self) -> None:
+        self.stats: torch.Tensor | None = None  # [num_layers, 4]: align_sum, align_n, spars_sum, spars_n
+
+    def _ensure(self, num_layers: int, device: torch.device) -> torch.Tensor:
+        if self.stats is None or self.stats.shape[0] != num_layers:
+            self.stats = torch.zeros(num_layers, 4, dtype=torch.float64, device=device)
+        return self.stats
+
+    def record_alignment(self, layer_number: int, num_layers: int, value: torch.Tensor) -> None:
+        stats = self._ensure(num_layers, value.device)
+        stats[layer_number - 1, 0] += value.detach().double()
+        stats[layer_number - 1, 1] += 1
+
+    def record_sparsity(self, layer_number: int, num_layers: int, lse_sparse: torch.Tensor,
+                        lse_full: torch.Tensor) -> None:
+        stats = self._ensure(num_layers, lse_full.device)
+        mass = torch.exp((lse_sparse.detach() - lse_full.detach()).double())
+        stats[layer_number - 1, 2] += mass.sum()
+        stats[layer_number - 1, 3] += mass.numel()
+
+    def reduce(self, num_layers: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """Collective over PP, TP x CP and DP; every rank must call it. Returns per-layer means
+        (NaN for a layer with no samples) and clears the accumulators."""
+        from megatron.core import parallel_state
+
+        stats = self._ensure(num_layers, device or torch.device("cpu")).clone()
+        self.stats = None
+        if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+            dist.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
+            tp_cp = parallel_state.get_tensor_and_context_parallel_group()
+            sparsity = stats[:, 2:].clone()
+            dist.all_reduce(sparsity, group=tp_cp)
+            stats[:, 2:] = sparsity
+            dp = parallel_state.get_data_parallel_group(with_context_parallel=False)
+            means = _ratios(stats)
+            dist.all_reduce(means, group=dp)
+            means /= dist.get_world_size(dp)
+        else:
+            means = _ratios(stats)
+        return {"alignment_loss": means[:, 0].float(), "attention_sparsity": means[:, 1].float()}
+
+
+def _ratios(stats: torch.Tensor) -> torch.Tensor:
+    nan = torch.full_like(stats[:, 0], float("nan"))
+    align = torch.where(stats[:, 1] > 0, stats[:, 0] / stats[:, 1].clamp(min=1), nan)
+    spars = torch.where(stats[:, 3] > 0, stats[:, 2] / stats[:, 3].clamp(min=1), nan)
+    return torch.stack([align, spars], dim=1)
+
+
+tracker = SSAMetricsTracker()

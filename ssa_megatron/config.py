@@ -1,0 +1,94 @@
+"""SSATransformerConfig: megatron's TransformerConfig plus the SSA fields, validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.core.transformer import TransformerConfig
+
+ATTENTION_MODES = ("ssa", "full", "sparse")
+ALIGNMENT_LOSSES = ("smooth_l1", "mse")
+INFERENCE_MODES = ("sparse", "full")
+KERNEL_BACKENDS = ("auto", "triton", "naive")
+
+
+@dataclass
+class SSATransformerConfig(TransformerConfig):
+    """TransformerConfig + SSA (see docs/SSA_METHOD.md).
+
+    ``attention_mode``: ``ssa`` trains both branches with a per-micro-batch mode draw and the alignment
+    loss; ``full`` and ``sparse`` are the paper's single-branch baselines (no alignment loss).
+    ``inference_mode``/``inference_block_count`` apply whenever the model is in eval mode, whatever it
+    was trained with (the paper evaluates every model under sparse and full inference).
+    ``document_causal``: restrict both branches to the current document (boundaries where
+    ``position_ids == 0``); the paper's recipe attends across documents (False).
+    """
+
+    attention_mode: str = "ssa"
+    block_size: int = 16
+    block_count: int = 16
+    p_full: float = 0.5
+    alignment_weight: float = 10.0
+    alignment_loss: str = "smooth_l1"
+    inference_mode: str = "sparse"
+    inference_block_count: int | None = None
+    document_causal: bool = False
+    mode_seed: int = 0
+    rotary_base: float = 500000.0
+    kernel_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        groups = self.num_query_groups or self.num_attention_heads
+        tp = self.tensor_model_parallel_size
+        if self.num_attention_heads % tp:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"tensor_model_parallel_size={tp}; choose a TP size that divides the number of query heads"
+            )
+        if groups % tp:
+            raise ValueError(
+                f"num_query_groups (KV heads)={groups} is not divisible by tensor_model_parallel_size={tp}: "
+                "SSA selects blocks per KV head group, so each TP rank must own whole groups; lower TP"
+            )
+        if self.num_attention_heads % groups:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_query_groups={groups}"
+            )
+        super().__post_init__()
+        _check_choice("attention_mode", self.attention_mode, ATTENTION_MODES)
+        _check_choice("alignment_loss", self.alignment_loss, ALIGNMENT_LOSSES)
+        _check_choice("inference_mode", self.inference_mode, INFERENCE_MODES)
+        _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two (e.g. 16); got {self.block_size}")
+        if self.block_count < 1:
+            raise ValueError(f"block_count must be >= 1 (the own block is always in); got {self.block_count}")
+        if self.inference_block_count is not None and self.inference_block_count < 1:
+            raise ValueError(
+                f"inference_block_count must be >= 1 or None; got {self.inference_block_count}"
+            )
+        if not 0.0 <= self.p_full <= 1.0:
+            raise ValueError(f"p_full is a probability in [0, 1]; got {self.p_full}")
+        if self.alignment_weight < 0:
+            raise ValueError(f"alignment_weight (alpha) must be >= 0; got {self.alignment_weight}")
+
+    @property
+    def effective_inference_block_count(self) -> int:
+        """The block budget of eval-mode sparse attention."""
+        return self.inference_block_count if self.inference_block_count is not None else self.block_count
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def check_sequence_length(config: SSATransformerConfig, seq_length: int) -> None:
+    """Fail early for sequence lengths the context-parallel split cannot handle."""
+    chunks = 2 * config.context_parallel_size
+    if config.context_parallel_size > 1 and seq_length % chunks:
+        raise ValueError(
+            f"sequence length {seq_length} is not divisible by 2*context_parallel_size = {chunks} "
+            "(megatron's load-balanced split); pad the sequence or change CP"
+        )
