@@ -7,6 +7,7 @@ beside each checkpoint, so a checkpoint always says how it was made.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,7 +37,14 @@ class ModelSection:
     block_size: int = 16
     block_count: int = 16
     p_full: float = 0.5
-    alignment_alpha: float = 10.0
+    # alpha of the paper: total loss = CE + alignment_weight * mean over layers of the alignment loss.
+    alignment_weight: float = 10.0
+    alignment_loss: str = "smooth_l1"
+    # Restrict attention to the current document (position_ids restart); the paper attends across.
+    document_causal: bool = False
+    # Eval-time sparse budget (None: block_count), e.g. 64 for the paper's RF 1024.
+    inference_block_count: int | None = None
+    kernel_backend: str = "auto"
     rotary_base: float = 500000.0
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
@@ -268,8 +276,36 @@ def load_config(path: str | Path | None, overrides: list[tuple[str, str, str]] |
     for section, key, raw in overrides or []:
         value = yaml.safe_load(raw) if raw != "" else ""
         _apply(cfg, section, key, value, "command line")
+    _interpolate(cfg)
     validate_static(cfg)
     return cfg
+
+
+_REF = re.compile(r"\$\{([a-z_]+)\.([a-z_]+)\}")
+
+
+def _interpolate(cfg: TrainConfig) -> None:
+    """Replace `${section.key}` in string values, so e.g. the checkpoint directory can follow
+    model.attention_mode and the three-way comparison stays a one-line config change."""
+
+    def value_of(match: re.Match) -> str:
+        section, key = match.group(1), match.group(2)
+        sec = getattr(cfg, section, None)
+        if sec is None or not hasattr(sec, key):
+            raise ConfigError(f"reference ${{{section}.{key}}} names no config key")
+        value = getattr(sec, key)
+        if isinstance(value, str) and _REF.search(value):
+            raise ConfigError(
+                f"reference ${{{section}.{key}}} points at another reference; use a plain value"
+            )
+        return str(value)
+
+    for f in dataclasses.fields(cfg):
+        sec = getattr(cfg, f.name)
+        for g in dataclasses.fields(sec):
+            value = getattr(sec, g.name)
+            if isinstance(value, str) and "${" in value:
+                setattr(sec, g.name, _REF.sub(value_of, value))
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -315,7 +351,7 @@ def validate_static(cfg: TrainConfig) -> None:
             f"{m.num_attention_heads}; set model.kv_channels explicitly or change the head count",
         )
     _check(0.0 <= m.p_full <= 1.0, f"model.p_full={m.p_full} must lie in [0, 1]")
-    _check(m.alignment_alpha >= 0, f"model.alignment_alpha={m.alignment_alpha} must be >= 0")
+    _check(m.alignment_weight >= 0, f"model.alignment_weight={m.alignment_weight} must be >= 0")
     _check(d.seq_length > 0, f"data.seq_length={d.seq_length} must be positive")
     _check(
         bool(d.path), "data.path is empty; set it to the MDS shard directory (or use data.build_demo: true)"

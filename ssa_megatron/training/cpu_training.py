@@ -25,25 +25,20 @@ _TRAINING_MODULES = (
     "megatron.core.distributed.finalize_model_grads",
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.clip_grads",
-    # GlobalMemoryBuffer (sequence-parallel gathers, dot-product attention workspace).
-    "megatron.core.utils",
 )
 
 
 def enable_cpu_training() -> bool:
     """Enable model-side CPU compat plus the training modules above; returns whether CPU compat is on."""
-    already = cpu_compat.is_cpu_compat_active()
     if not cpu_compat.enable_cpu_compat():
         return False
-    if already and any(
-        isinstance(getattr(importlib.import_module(name), "torch", None), cpu_compat._TorchAsCpu)
-        for name in _TRAINING_MODULES
-    ):
+    modules = [importlib.import_module(name) for name in _TRAINING_MODULES]
+    if all(isinstance(module.torch, cpu_compat._TorchAsCpu) for module in modules):
         return True
     proxy = cpu_compat._TorchAsCpu()
-    for name in _TRAINING_MODULES:
+    for module in modules:
         # Registered through cpu_compat's own bookkeeping so disable_cpu_compat() undoes these too.
-        cpu_compat._patch(importlib.import_module(name), "torch", proxy)
+        cpu_compat._patch(module, "torch", proxy)
     cpu_compat._patch(
         importlib.import_module("megatron.core.optimizer.optimizer"),
         "clip_grad_by_total_norm_fp32",

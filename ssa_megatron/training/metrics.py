@@ -14,7 +14,8 @@ from ssa_megatron.training.config import TrainConfig
 _FIELDS = (
     ("loss", "loss {:.4f}"),
     ("ce_loss", "ce {:.4f}"),
-    ("align_loss", "align {:.4f}"),
+    ("align_loss", "align {:.4g}"),
+    ("sparsity", "sparsity {:.3f}"),
     ("mode", "mode {}"),
     ("lr", "lr {:.3e}"),
     ("grad_norm", "gnorm {:.3f}"),

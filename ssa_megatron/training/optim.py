@@ -71,7 +71,7 @@ def build_scheduler(
 ) -> OptimizerParamScheduler:
     o, iters = cfg.optim, cfg.train.train_iters
     warm = warmup_iters(cfg)
-    return OptimizerParamScheduler(
+    scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=o.lr,
@@ -88,3 +88,7 @@ def build_scheduler(
         use_checkpoint_opt_param_scheduler=True,
         override_opt_param_scheduler=False,
     )
+    # Iteration i trains with the LR of schedule step i (1-based), so the first update does not
+    # waste itself on lr = 0 and the last one uses min_lr.
+    scheduler.step(1)
+    return scheduler

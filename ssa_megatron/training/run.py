@@ -1,0 +1,299 @@
+"""`run(cfg)`: everything `pretrain_ssa.py` does, in the order that fails cheapest first.
+
+1. launch env, device and the parallel layout are checked against the world size;
+2. the data and tokenizer are found (or the demo corpus is built) before any model exists;
+3. megatron's parallel state, the SSA model, the engine (megatron or DeepSpeed), the loaders;
+4. resume from `checkpoint.dir/latest` (or the configured checkpoint);
+5. the loop, with validation and checkpoints at their intervals and on SIGTERM;
+6. a final validation in every `eval.modes` mode, printed as perplexities.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import torch.distributed as dist
+
+from ssa_megatron.training import checkpoint as ckpt
+from ssa_megatron.training.config import ConfigError, TrainConfig, data_parallel_size
+from ssa_megatron.training.cpu_training import check_cpu_layout, enable_cpu_training
+from ssa_megatron.training.evaluate import attention_sparsity, evaluate, validation_batches
+from ssa_megatron.training.flops import peak_tflops, training_flops_per_sequence
+from ssa_megatron.training.launch import LaunchEnv, detect_launch, init_distributed, resolve_device
+from ssa_megatron.training.loop import MegatronEngine, StopFlag, TrainState, train
+from ssa_megatron.training.metrics import MetricsLogger
+
+
+@dataclass
+class RunResult:
+    iteration: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # {"sparse": {"loss", "ppl", "tokens", "sparsity"}, "full": {...}} from the last evaluation.
+    final_eval: dict[str, dict[str, float]] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+def prepare_data(cfg: TrainConfig, env: LaunchEnv) -> Any:
+    """Find (or, with data.build_demo, build) the shards and tokenizer; return the loaded tokenizer.
+
+    Runs before the model is built so a wrong path costs seconds, not a cluster allocation.
+    """
+    from ssa_megatron.data import load_tokenizer
+
+    d = cfg.data
+    root = Path(d.path)
+    if d.build_demo:
+        if env.is_main and not (root / "train" / "index.json").exists():
+            from ssa_megatron.data import prepare_demo_dataset
+
+            print(f"building the demo corpus, tokenizer and MDS shards in {root} ...", flush=True)
+            prepare_demo_dataset(root, seq_len=d.seq_length)
+        if dist.is_initialized():
+            dist.barrier()
+    if not (root / "train" / "index.json").exists():
+        raise ConfigError(
+            f"data.path={d.path!r} has no train/index.json: point it at a directory written by "
+            "tools/prepare_data.py (train/ and val/ MDS splits), or set data.build_demo=true for the "
+            "demo corpus"
+        )
+    tokenizer_path = d.tokenizer or str(root / "tokenizer.model")
+    if not Path(tokenizer_path).exists():
+        raise ConfigError(
+            f"data.tokenizer={tokenizer_path!r} does not exist; set it to the tokenizer the shards were "
+            "written "
+            "with (a sentencepiece .model file or a Hugging Face tokenizer directory)"
+        )
+    return load_tokenizer(tokenizer_path)
+
+
+def model_config(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Any:
+    from ssa_megatron.config import SSATransformerConfig
+
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
+    recompute = {
+        "none": {},
+        "selective": {"recompute_granularity": "selective"},
+        "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    }[t.recompute]
+    return SSATransformerConfig(
+        # Llama-style blocks as in the paper: RMSNorm, SwiGLU, no biases, no dropout.
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels or m.hidden_size // m.num_attention_heads,
+        init_method_std=m.init_method_std,
+        layernorm_epsilon=m.norm_epsilon,
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        context_parallel_size=p.context,
+        sequence_parallel=p.sequence_parallel,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=device.type == "cpu",
+        attention_mode=m.attention_mode,
+        block_size=m.block_size,
+        block_count=m.block_count,
+        p_full=m.p_full,
+        alignment_weight=m.alignment_weight,
+        alignment_loss=m.alignment_loss,
+        inference_block_count=m.inference_block_count,
+        document_causal=m.document_causal,
+        mode_seed=t.seed,
+        rotary_base=m.rotary_base,
+        kernel_backend=m.kernel_backend,
+        **recompute,
+    )
+
+
+def _build_model(cfg: TrainConfig, config: Any, vocab_size: int) -> list[torch.nn.Module]:
+    from ssa_megatron.model import build_model_chunks
+
+    return build_model_chunks(
+        config,
+        vocab_size,
+        cfg.data.seq_length,
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+    )
+
+
+def _data_config(cfg: TrainConfig) -> dict[str, Any]:
+    root = cfg.data.path.rstrip("/")
+    data: dict[str, Any] = {
+        "train": [root + "/train"],
+        "seed": cfg.train.seed,
+        "num_workers": cfg.data.num_workers,
+    }
+    if (Path(root) / "val" / "index.json").exists():
+        data["valid"] = [root + "/val"]
+    return data
+
+
+def run(cfg: TrainConfig, env: LaunchEnv | None = None, stream: TextIO | None = None) -> RunResult:
+    from megatron.core import parallel_state
+
+    from ssa_megatron.data import build_loaders
+    from ssa_megatron.parallel import initialize_parallel
+
+    stream = stream or sys.stdout
+    env = env or detect_launch()
+    device = resolve_device(cfg.train.device)
+    check_cpu_layout(cfg.train.precision, cfg.parallel.distributed_optimizer, device)
+    dp = data_parallel_size(cfg, env.world_size)
+    init_distributed(env, device)
+    if env.is_main:
+        stream.write("resolved config:\n" + cfg.to_yaml() + "\n")
+        stream.flush()
+    tokenizer = prepare_data(cfg, env)
+    # Padded like megatron-LM (multiple of 128 x TP) so every TP rank holds an equal vocabulary slice.
+    multiple = 128 * cfg.parallel.tensor
+    vocab = cfg.model.vocab_size or -(-tokenizer.vocab_size // multiple) * multiple
+    if vocab % cfg.parallel.tensor:
+        raise ConfigError(
+            f"model.vocab_size={vocab} is not divisible by parallel.tensor={cfg.parallel.tensor}"
+        )
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
+
+    enable_cpu_training()
+    p = cfg.parallel
+    initialize_parallel(p.tensor, p.pipeline, p.context, p.virtual_pipeline, seed=cfg.train.seed)
+    mconfig = model_config(cfg, vocab, device)
+    chunks = [c.to(device) for c in _build_model(cfg, mconfig, vocab)]
+
+    if cfg.train.engine == "deepspeed":
+        from ssa_megatron.training.ds_engine import DeepSpeedEngine
+
+        engine: Any = DeepSpeedEngine(cfg, chunks, device, dp)
+        ckpt_optimizer: Any = engine.engine
+    else:
+        from ssa_megatron.training.optim import build_optimizer, build_scheduler, wrap_model
+
+        model = wrap_model(cfg, chunks)
+        optimizer = build_optimizer(cfg, model)
+        engine = MegatronEngine(cfg, model, optimizer, build_scheduler(cfg, optimizer), device)
+        ckpt_optimizer = optimizer
+
+    t = cfg.train
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    train_loader, valid_loader = build_loaders(
+        _data_config(cfg),
+        micro_batch_size=t.micro_batch_size,
+        seq_len=cfg.data.seq_length,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=dp,
+        launch=env,
+    )
+
+    state = TrainState()
+    load_path = ckpt.resolve_checkpoint(cfg.checkpoint.load, cfg.checkpoint.dir)
+    logging_rank = env.is_main
+    logger = MetricsLogger(cfg, logging_rank, t.train_iters, stream)
+    if load_path is not None:
+        if cfg.checkpoint.load_weights_only:
+            ckpt.load_model_weights(load_path, engine.model)
+            logger.print(
+                f"loaded model weights from {load_path} (optimizer, schedule and data order start fresh)"
+            )
+        else:
+            loaded = ckpt.load_checkpoint(load_path, engine.model, ckpt_optimizer, engine.scheduler)
+            state.iteration = loaded.iteration
+            state.consumed_samples = loaded.iteration * t.global_batch_size
+            train_loader.load_state_dict(loaded.data_state)
+            logger.print(f"resumed from {load_path} at iteration {loaded.iteration}")
+
+    train_iter = iter(train_loader)
+    val_batches = validation_batches(valid_loader, num_micro, cfg.eval.iters)
+    last_saved: list[str | None] = [None]
+
+    def save(iteration: int) -> None:
+        if cfg.checkpoint.dir is None:
+            return
+        path = ckpt.save_checkpoint(
+            cfg.checkpoint.dir,
+            iteration,
+            engine.model,
+            ckpt_optimizer,
+            engine.scheduler,
+            train_loader.state_dict(),
+            cfg.to_dict(),
+            cfg.to_yaml(),
+        )
+        last_saved[0] = str(path)
+        logger.print(f"saved checkpoint {path}")
+
+    def run_eval(iteration: int) -> dict[str, dict[str, float]]:
+        results: dict[str, dict[str, float]] = {}
+        for mode in cfg.eval.modes:
+            res = evaluate(engine, val_batches, mode)
+            if cfg.eval.sparsity and val_batches:
+                sparsity = attention_sparsity(engine, val_batches[0], mode)
+                if sparsity is not None:
+                    res["sparsity"] = sparsity
+            results[mode] = res
+            logger.scalars(f"val_{mode}", iteration, res)
+        line = " | ".join(
+            f"{mode}: loss {r['loss']:.4f} ppl {r['ppl']:.2f}"
+            + (f" sparsity {r['sparsity']:.3f}" if "sparsity" in r else "")
+            for mode, r in results.items()
+        )
+        logger.print(f"validation at iteration {iteration} | {line}")
+        return results
+
+    def on_interval(iteration: int, stopping: bool) -> None:
+        if (
+            cfg.eval.interval
+            and iteration % cfg.eval.interval == 0
+            and iteration < t.train_iters
+            and val_batches
+        ):
+            run_eval(iteration)
+        interval = cfg.checkpoint.save_interval
+        due = interval and iteration % interval == 0
+        final = iteration == t.train_iters and cfg.checkpoint.save_on_exit
+        if due or final or (stopping and cfg.checkpoint.save_on_exit):
+            save(iteration)
+
+    stop = StopFlag()
+    stop.install()
+    flops = training_flops_per_sequence(cfg.model, cfg.data.seq_length, vocab, t.recompute)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = peak_tflops(device_name, cfg.logging.peak_tflops)
+
+    if state.iteration < t.train_iters:
+        state = train(
+            cfg,
+            engine,
+            state,
+            lambda: [next(train_iter) for _ in range(num_micro)],
+            logger,
+            flops,
+            peak,
+            device,
+            on_interval,
+            stop,
+        )
+    final_eval: dict[str, dict[str, float]] = {}
+    if cfg.eval.at_end and val_batches and not stop.requested:
+        final_eval = run_eval(state.iteration)
+        summary = ", ".join(
+            f"{mode}-mode validation perplexity {r['ppl']:.2f}" for mode, r in final_eval.items()
+        )
+        logger.print(f"final ({state.iteration} iterations): {summary}")
+    logger.close()
+    return RunResult(state.iteration, state.history, final_eval, last_saved[0])
