@@ -298,6 +298,14 @@ class SSAForCausalLM(SSAPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    def set_rope_scaling(self, rope_scaling: dict[str, Any] | None) -> None:
+        """Change RoPE scaling in place (e.g. ``{"rope_type": "linear", "factor": 2.0}`` to run at twice the
+        training length); ``None`` restores plain RoPE. A KV cache built before the change is stale."""
+        self.config.rope_scaling = rope_scaling
+        self.config.validate_ssa()
+        device = self.model.rotary_emb.inv_freq.device
+        self.model.rotary_emb = SSARotaryEmbedding(self.config).to(device)
+
     def _attention_layers(self) -> list[SSAAttention]:
         return [layer.self_attn for layer in self.model.layers]
 

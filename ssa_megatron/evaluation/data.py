@@ -1,0 +1,56 @@
+"""Validation tokens for evaluation: a flat token stream cut into fixed-length windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+class Encoder(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+def load_token_stream(path: str | Path, tokenizer: Encoder | None = None) -> torch.Tensor:
+    """1-D int64 tokens from ``.npy`` (token ids) or a UTF-8 text file (tokenized with ``tokenizer``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"validation data {p} does not exist")
+    if p.suffix == ".npy":
+        arr = np.load(p)
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{p}: expected a 1-D integer array of token ids, got {arr.dtype} {arr.shape}")
+        return torch.from_numpy(arr.astype(np.int64))
+    if tokenizer is None:
+        raise ValueError(
+            f"{p} is text; pass a tokenizer (--tokenizer) to encode it, or give a .npy of token ids"
+        )
+    return torch.tensor(tokenizer.encode(p.read_text(encoding="utf-8")), dtype=torch.int64)
+
+
+def make_windows(stream: torch.Tensor, length: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping ``[N, length]`` windows from the start of ``stream`` (the tail that does not fill one
+    is dropped so every window is scored at the same length)."""
+    if length < 2:
+        raise ValueError(f"window length must be >= 2 to score a next token, got {length}")
+    n = stream.numel() // length
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(
+            f"validation stream has {stream.numel()} tokens, fewer than one window of {length}; "
+            "give more data or a shorter length"
+        )
+    return stream[: n * length].view(n, length)
+
+
+def check_vocab(stream: torch.Tensor, vocab_size: int, source: str) -> None:
+    """Tokens beyond the model's vocabulary mean the data was made with another tokenizer."""
+    top = int(stream.max()) if stream.numel() else -1
+    if top >= vocab_size or (stream.numel() and int(stream.min()) < 0):
+        raise ValueError(
+            f"{source}: token id {top} is outside the model's vocabulary of {vocab_size}; the data was "
+            "tokenized with a different tokenizer than the model's"
+        )

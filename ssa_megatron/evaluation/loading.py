@@ -1,0 +1,75 @@
+"""Open what the user points evaluation at: an exported HF directory or a Megatron training checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
+
+
+def is_hf_directory(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def load_hf_model(
+    path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32, **config_overrides: Any
+) -> SSAForCausalLM:
+    """``SSAForCausalLM`` from an HF directory; refuses other architectures naming what it found."""
+    p = Path(path)
+    config_file = p / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} does not exist; expected an exported SSA model directory")
+    found = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    if found != "ssa":
+        raise ValueError(
+            f"{config_file}: model_type is {found!r}, not 'ssa'. Convert a Llama-architecture checkpoint "
+            "with tools/convert_from_hf.py, then export it with tools/convert_to_hf.py"
+        )
+    model = SSAForCausalLM.from_pretrained(p, torch_dtype=dtype, **config_overrides)
+    return model.to(device).eval()
+
+
+def find_tokenizer_file(path: Path) -> Path | None:
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (path / name).is_file():
+            return path / name
+    return None
+
+
+def load_eval_tokenizer(path: str | Path, vocab_size: int) -> Any:
+    """The project's tokenizer wrapper for ``path``; refuses one whose ids do not fit the model."""
+    from ssa_megatron.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path)
+    if tok.vocab_size > vocab_size:
+        raise ValueError(
+            f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocabulary is {vocab_size}; "
+            "it is not the tokenizer this model was trained with"
+        )
+    return tok
+
+
+def is_megatron_checkpoint(path: Path) -> bool:
+    return (path / "latest").is_file() or (path / "complete.json").is_file()
+
+
+def load_model(
+    path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32, **config_overrides: Any
+) -> tuple[SSAForCausalLM, Path]:
+    """Model from an HF directory or a Megatron checkpoint, and the directory to look for a tokenizer in."""
+    p = Path(path)
+    if is_hf_directory(p):
+        return load_hf_model(p, device=device, dtype=dtype, **config_overrides), p
+    if is_megatron_checkpoint(p):
+        from ssa_megatron.hf.megatron_checkpoint import load_megatron_as_hf
+
+        model = load_megatron_as_hf(p, **config_overrides)
+        return model.to(device=device, dtype=dtype).eval(), p
+    raise FileNotFoundError(
+        f"{p} is neither an HF model directory (no config.json) nor a Megatron checkpoint (no `latest` "
+        "or complete.json)"
+    )
