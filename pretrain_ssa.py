@@ -1,17 +1,65 @@
-"""Training entry point (torchrun / DeepSpeed launcher)."""
+"""Training entry point (torchrun / DeepSpeed launcher / plain python).
+
+python pretrain_ssa.py --config examples/tiny_cpu.yaml [--section.key value ...]
+torchrun --nnodes 8 --nproc-per-node 8 ... pretrain_ssa.py --config examples/ssa_1b_8k.yaml
+deepspeed --hostfile hostfile pretrain_ssa.py --config ... --deepspeed --deepspeed_config ds.json
+"""
+
+from __future__ import annotations
 
 import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="SSA pretraining on Megatron-core")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="SSA pretraining on Megatron-core. Any config key can be overridden with "
+        "--section.key value (e.g. --model.num_layers 4 --train.train_iters 100).",
+    )
     parser.add_argument("--config", help="YAML config, e.g. examples/tiny_cpu.yaml")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the DeepSpeed launcher; not needed otherwise",
+    )
+    parser.add_argument("--deepspeed", action="store_true", help="train with the DeepSpeed engine (ZeRO 1/2)")
+    parser.add_argument(
+        "--deepspeed_config",
+        "--deepspeed-config",
+        default=None,
+        help="DeepSpeed JSON config, e.g. examples/deepspeed/zero1_bf16.json",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    from ssa_megatron.training.config import ConfigError, load_config, parse_override_args
+
+    try:
+        overrides = parse_override_args(rest)
+    except ValueError as err:
+        parser.error(f"unrecognized arguments: {err}")
     if args.config is None:
         parser.error("--config is required, e.g. --config examples/tiny_cpu.yaml")
-    print("pretrain_ssa.py: training is not yet available in this build", file=sys.stderr)
-    return 2
+    if args.deepspeed:
+        overrides.append(("train", "engine", "deepspeed"))
+    if args.deepspeed_config is not None:
+        if not args.deepspeed:
+            parser.error("--deepspeed_config needs --deepspeed")
+        overrides.append(("train", "deepspeed_config", args.deepspeed_config))
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"pretrain_ssa.py: config error: {err}", file=sys.stderr)
+        return 2
+
+    from ssa_megatron.training import main_run
+
+    return main_run(cfg, local_rank=args.local_rank)
 
 
 if __name__ == "__main__":

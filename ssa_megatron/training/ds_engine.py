@@ -58,6 +58,39 @@ def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict[str, Any]:
     return ds
 
 
+class MegatronMPU:
+    """megatron's parallel_state in the shape DeepSpeed's `mpu` argument expects.
+
+    DeepSpeed's "model parallel" is our tensor parallel (grad norms of TP-sharded parameters are
+    summed over it); its "data parallel" is data x context parallel, the ranks whose gradients
+    are averaged, as megatron's DDP does.
+    """
+
+    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(
+        parallel_state.get_pipeline_model_parallel_world_size
+    )
+    get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+
+    @staticmethod
+    def get_data_parallel_rank() -> int:
+        return parallel_state.get_data_parallel_rank(with_context_parallel=True)
+
+    @staticmethod
+    def get_data_parallel_world_size() -> int:
+        return parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+
+    @staticmethod
+    def get_data_parallel_group() -> Any:
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -94,7 +127,7 @@ class DeepSpeedEngine:
             model=model,
             optimizer=optimizer,
             config=deepspeed_config(cfg, dp_size),
-            mpu=parallel_state,
+            mpu=MegatronMPU(),
             dist_init_required=False,
         )
         self.cfg, self.device = cfg, device

@@ -1,0 +1,46 @@
+"""Training: config schema, launch env, loop, engines (megatron / DeepSpeed), checkpoints, metrics.
+
+`run(cfg)` trains and returns a `RunResult`; `main_run` wraps it for the command line (exit
+codes, clear messages for user errors, process-group teardown).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from ssa_megatron.training.config import ConfigError, TrainConfig, load_config, parse_override_args
+
+__all__ = ["ConfigError", "RunResult", "TrainConfig", "load_config", "main_run", "parse_override_args", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    # megatron is imported only when training actually starts (the CLI parses and validates first).
+    if name in ("run", "RunResult"):
+        from ssa_megatron.training import runner
+
+        return getattr(runner, name)
+    raise AttributeError(name)
+
+
+def main_run(cfg: TrainConfig, local_rank: int | None = None) -> int:
+    """Run from the CLI: user errors (config, data, checkpoint, divergence) print one line and exit 1."""
+    import torch.distributed as dist
+
+    from ssa_megatron.training.checkpoint import CheckpointError
+    from ssa_megatron.training.launch import detect_launch
+    from ssa_megatron.training.loop import NonFiniteError
+    from ssa_megatron.training.runner import run
+
+    try:
+        run(cfg, detect_launch(local_rank))
+    except (ConfigError, CheckpointError, NonFiniteError) as err:
+        print(f"pretrain_ssa.py: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            from ssa_megatron.parallel import destroy_parallel
+
+            destroy_parallel()
+            dist.destroy_process_group()
+    return 0
