@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.ssa import _alloc
 from kernels.ssa._plan import Plan, make_plan, next_pow2
 
 
@@ -32,7 +33,7 @@ def _block_keys_kernel(
 
 def block_keys_planned(k: torch.Tensor, block_size: int, plan: Plan) -> torch.Tensor:
     b, _, h, d = k.shape
-    out = torch.empty(b, plan.n_blocks, h, d, device=k.device, dtype=k.dtype)
+    out = _alloc.empty(b, plan.n_blocks, h, d, device=k.device, dtype=k.dtype)
     _block_keys_kernel[(plan.n_blocks, b * h)](
         k, out, plan.blk_start, plan.blk_len,
         k.stride(0), k.stride(1), k.stride(2), out.stride(0), out.stride(1), out.stride(2),

@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.ssa import _alloc
 from kernels.ssa._plan import Plan, next_pow2
-from kernels.ssa.selection_kernel import LOG2E, _dot
+from kernels.ssa.selection_kernel import LOG2E, _dot, exact_dots
 
 SEG = 256  # queries per dk/dv program
 
@@ -213,15 +214,15 @@ def _forward(
     b, tq, hq, d = q.shape
     h = k.shape[2]
     gp, kn = _geometry(hq // h, block_size)
-    o = torch.empty_like(q)
-    lse = torch.empty(b, tq, hq, device=q.device, dtype=torch.float32)
+    o = _alloc.empty_like(q)
+    lse = _alloc.empty(b, tq, hq, device=q.device, dtype=torch.float32)
     _fwd_kernel[(tq, b * h)](
         q, k, v, idx, o, lse, plan.q_doc,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         idx.stride(0), idx.stride(1), idx.stride(2), o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         q_offset, scale * LOG2E, h, hq // h, idx.shape[3],
-        BS=block_size, GP=gp, KN=kn, D=d, IEEE=q.dtype == torch.float32, num_warps=4,
+        BS=block_size, GP=gp, KN=kn, D=d, IEEE=exact_dots(q.dtype), num_warps=4,
     )  # fmt: skip
     return o, lse
 
@@ -266,14 +267,14 @@ def _backward(
     h = k.shape[2]
     g = hq // h
     gp, kn = _geometry(g, block_size)
-    ieee = q.dtype == torch.float32
+    ieee = exact_dots(q.dtype)
     do = do.contiguous()
     # d lse / d s = p, so a gradient on lse enters exactly like -Delta in dS = P * (dP - Delta).
     delta = (do.float() * o.float()).sum(-1)
     if dlse is not None:
         delta = delta - dlse.float()
     delta = delta.contiguous()
-    dq = torch.empty_like(q)
+    dq = _alloc.empty_like(q)
     _dq_kernel[(tq, b * h)](
         q, k, v, idx, do, lse, delta, dq, plan.q_doc,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -283,8 +284,8 @@ def _backward(
     )  # fmt: skip
     tok, seg_key, seg_lo, seg_hi, seg0, nseg = _segments(idx, plan, h)
     n_seg = seg_key.numel()
-    pdk = torch.empty(max(n_seg, 1), block_size, d, device=q.device, dtype=torch.float32)
-    pdv = torch.empty_like(pdk)
+    pdk = _alloc.empty(max(n_seg, 1), block_size, d, device=q.device, dtype=torch.float32)
+    pdv = _alloc.empty_like(pdk)
     qc = max(1, 64 // gp)
     if n_seg:
         _dkdv_segment_kernel[(n_seg,)](
@@ -294,8 +295,8 @@ def _backward(
             q_offset, scale * LOG2E, scale, h, g, plan.n_blocks,
             BS=block_size, GP=gp, QC=qc, D=d, IEEE=ieee, num_warps=4,
         )  # fmt: skip
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dk = _alloc.empty_like(k)
+    dv = _alloc.empty_like(v)
     _dkdv_reduce_kernel[(b * h * plan.n_blocks,)](
         pdk, pdv, seg0, nseg, plan.blk_start, plan.blk_len, dk, dv,
         k.stride(0), k.stride(1), k.stride(2), h, plan.n_blocks,

@@ -16,19 +16,33 @@ max(A_i, B_i) is exactly the top-KP multiset of A and B.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from kernels.ssa import _alloc
 from kernels.ssa._plan import Plan, next_pow2, query_tiles
 
 LOG2E = 1.4426950408889634
 
 
+def exact_dots(dtype: torch.dtype) -> bool:
+    """Whether tl.dot must run as an fp32 IEEE product (passed to the kernels as IEEE).
+
+    fp32 inputs need it (tl.dot would otherwise round them to tf32). The CPU interpreter
+    multiplies bf16/fp16 operands wrongly (as their raw 16-bit patterns, seen with triton 3.8),
+    so under TRITON_INTERPRET the operands are upcast too; on the GPU half inputs keep the
+    tensor-core path and the GPU tests cover it.
+    """
+    return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b)
 
@@ -118,7 +132,7 @@ def select_blocks_planned(
     b, tq, hq, d = q.shape
     h = kblock.shape[2]
     g = hq // h
-    out = torch.empty(b, tq, h, block_count, device=q.device, dtype=torch.int32)
+    out = _alloc.empty(b, tq, h, block_count, device=q.device, dtype=torch.int32)
     if block_count == 1:
         # No candidate slot: only the own block, which needs no scoring.
         pos = q_offset + torch.arange(tq, device=q.device, dtype=torch.int32)
@@ -134,7 +148,7 @@ def select_blocks_planned(
         q.stride(0), q.stride(1), q.stride(2), kblock.stride(0), kblock.stride(1), kblock.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         q_offset, scale * LOG2E, h, g, block_count,
-        BS=block_size, BT=bt, GP=gp, BN=bn, KP=kp, D=d, IEEE=q.dtype == torch.float32,
+        BS=block_size, BT=bt, GP=gp, BN=bn, KP=kp, D=d, IEEE=exact_dots(q.dtype),
         num_warps=4 if kp <= 64 else 8,
     )  # fmt: skip
     return out

@@ -1,0 +1,233 @@
+"""Triton SSA kernels against the plain-PyTorch reference (kernels/ssa/naive.py).
+
+Without CUDA they run in the Triton interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET),
+so the interpreted cases are tiny; the @pytest.mark.gpu cases repeat the checks at realistic
+sizes on the GPU machine. Every output is allocated poisoned (NaN / sentinel), so an element a
+kernel never writes fails the comparison.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import ssa
+from kernels.ssa._alloc import poisoned_outputs
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert torch.isfinite(got).all(), "non-finite values (an unwritten, poisoned element?)"
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def make(b: int, t: int, h: int, g: int, d: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randn(b, t, h * g, d, generator=gen, device=DEV).to(dtype)
+    k = torch.randn(b, t, h, d, generator=gen, device=DEV).to(dtype)
+    v = torch.randn(b, t, h, d, generator=gen, device=DEV).to(dtype)
+    return [q, k, v]
+
+
+def cu(bounds: list[int] | None) -> torch.Tensor | None:
+    return None if bounds is None else torch.tensor(bounds, dtype=torch.int32, device=DEV)
+
+
+# ------------------------------------------------------------------------------------------------
+# block keys
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("b", "t", "bs", "bounds", "dtype"),
+    [(2, 37, 16, None, torch.float32), (1, 57, 32, [0, 20, 20, 57], torch.bfloat16)],
+)
+def test_block_keys(b: int, t: int, bs: int, bounds: list[int] | None, dtype: torch.dtype) -> None:
+    _, k, _ = make(b, t, 2, 1, 64, dtype, seed=t)
+    with poisoned_outputs():
+        got = ssa.block_keys(k, bs, cu_seqlens=cu(bounds), backend="triton")
+    want = ssa.block_keys(k, bs, cu_seqlens=cu(bounds), backend="naive")
+    assert got.shape == want.shape and got.dtype == k.dtype
+    assert rel(got, want) < TOL[dtype]
+
+
+# ------------------------------------------------------------------------------------------------
+# selection
+# ------------------------------------------------------------------------------------------------
+def check_selection(
+    b: int, t: int, h: int, g: int, d: int, bs: int, bc: int, qr: tuple[int, int] | None,
+    bounds: list[int] | None, dtype: torch.dtype, seed: int,
+) -> None:  # fmt: skip
+    q, k, _ = make(b, t, h, g, d, dtype, seed)
+    lo, hi = qr or (0, t)
+    q = q[:, lo:hi]
+    kblock = ssa.block_keys(k, bs, cu_seqlens=cu(bounds), backend="naive")
+    with poisoned_outputs():
+        got = ssa.select_blocks(q, kblock, bs, bc, q_offset=lo, cu_seqlens=cu(bounds), backend="triton")
+    want = ssa.select_blocks(q, kblock, bs, bc, q_offset=lo, cu_seqlens=cu(bounds), backend="naive")
+    assert got.dtype == torch.int32 and got.shape == want.shape
+    assert torch.equal(got, want), (got != want).nonzero()[:5]
+
+
+SELECT_CASES = [
+    # (b, t, h, g, bs, bc, query range, documents, dtype)
+    (2, 70, 1, 1, 16, 3, None, None, torch.float32),
+    (1, 90, 2, 3, 16, 4, (20, 90), None, torch.float32),
+    (1, 130, 1, 16, 32, 2, None, None, torch.float32),
+    (1, 100, 2, 3, 16, 3, (10, 100), [0, 40, 40, 100], torch.bfloat16),
+    (1, 60, 2, 2, 16, 8, None, None, torch.float32),  # more slots than blocks
+    (1, 50, 2, 2, 16, 1, None, None, torch.float32),  # own block only
+]
+
+
+@pytest.mark.parametrize(("b", "t", "h", "g", "bs", "bc", "qr", "bounds", "dtype"), SELECT_CASES)
+def test_select_blocks_exact(
+    b: int, t: int, h: int, g: int, bs: int, bc: int, qr: tuple[int, int] | None,
+    bounds: list[int] | None, dtype: torch.dtype,
+) -> None:  # fmt: skip
+    check_selection(b, t, h, g, 64, bs, bc, qr, bounds, dtype, seed=t + 7 * g + bc)
+
+
+def test_select_blocks_ties_go_to_the_lower_index() -> None:
+    q, k, _ = make(1, 96, 1, 3, 64, torch.float32, seed=1)
+    k[:, 32:48] = k[:, 0:16]  # blocks 0 and 2 identical: equal scores for every query
+    kblock = ssa.block_keys(k, 16, backend="naive")
+    got = ssa.select_blocks(q, kblock, 16, 2, backend="triton")
+    assert torch.equal(got, ssa.select_blocks(q, kblock, 16, 2, backend="naive"))
+    assert not (got[:, 48:, :, 0] == 2).any()
+
+
+# ------------------------------------------------------------------------------------------------
+# selected attention (forward, LSE and all gradients, including through the LSE)
+# ------------------------------------------------------------------------------------------------
+def check_attention(
+    b: int, t: int, h: int, g: int, d: int, bs: int, bc: int, qr: tuple[int, int] | None,
+    bounds: list[int] | None, dtype: torch.dtype, seed: int, sparse: bool = True,
+) -> None:  # fmt: skip
+    q, k, v = make(b, t, h, g, d, dtype, seed)
+    lo, hi = qr or (0, t)
+    q = q[:, lo:hi].contiguous()
+    kw = {"q_offset": lo, "cu_seqlens": cu(bounds)}
+    idx = ssa.sparse_attention(q.float(), k.float(), v.float(), bs, bc, backend="naive", **kw)[2]
+    gen = torch.Generator(device=DEV).manual_seed(seed + 1)
+    do = torch.randn(q.shape, generator=gen, device=DEV).to(dtype)
+    # FlexAttention (the dense path) has no CPU backward; its gradients are checked on the GPU.
+    grad = sparse or DEV == "cuda"
+    dl = torch.randn(q.shape[:3], generator=gen, device=DEV)
+    results = []
+    for backend in ("triton", "naive"):
+        leaves = [x.clone().requires_grad_(grad) for x in (q, k, v)]
+        with poisoned_outputs():
+            if sparse:
+                o, lse = ssa.selected_attention(*leaves, idx, bs, backend=backend, **kw)
+            else:
+                o, lse = ssa.dense_attention(*leaves, backend=backend, **kw)
+            if grad:
+                ((o.float() * do.float()).sum() + (lse * dl).sum()).backward()
+        results.append([o, lse, *(x.grad for x in leaves if grad)])
+    for name, got, want in zip(["o", "lse", "dq", "dk", "dv"], *results):
+        assert got.shape == want.shape, name
+        err = rel(got, want)
+        assert err < TOL[dtype], f"{name}: relative error {err:.2e}"
+
+
+ATTN_CASES = [
+    # (b, t, h, g, bs, bc, query range, documents, dtype)
+    (1, 45, 2, 1, 16, 2, None, None, torch.float32),
+    (1, 100, 2, 3, 32, 3, (30, 100), None, torch.float32),
+    (1, 50, 1, 16, 16, 3, None, None, torch.bfloat16),
+    (1, 70, 2, 2, 16, 2, (5, 70), [0, 33, 33, 70], torch.bfloat16),
+    (2, 140, 1, 2, 64, 2, (60, 140), None, torch.float32),
+]
+
+
+@pytest.mark.parametrize(("b", "t", "h", "g", "bs", "bc", "qr", "bounds", "dtype"), ATTN_CASES)
+def test_selected_attention_forward_and_backward(
+    b: int, t: int, h: int, g: int, bs: int, bc: int, qr: tuple[int, int] | None,
+    bounds: list[int] | None, dtype: torch.dtype,
+) -> None:  # fmt: skip
+    check_attention(b, t, h, g, 64, bs, bc, qr, bounds, dtype, seed=3 * t + g)
+
+
+@pytest.mark.parametrize(
+    ("qr", "bounds", "dtype"),
+    [((9, 40), None, torch.float32), ((3, 40), [0, 17, 40], torch.bfloat16)],
+)
+def test_dense_attention_with_offset_and_documents(
+    qr: tuple[int, int], bounds: list[int] | None, dtype: torch.dtype
+) -> None:
+    check_attention(1, 40, 2, 3, 64, 16, 1, qr, bounds, dtype, seed=5, sparse=False)
+
+
+def test_sparse_branch_end_to_end() -> None:
+    q, k, v = make(1, 50, 1, 2, 64, torch.float32, seed=21)
+    with poisoned_outputs():
+        got = ssa.sparse_attention(q, k, v, 16, 3, q_offset=0, backend="triton")
+    want = ssa.sparse_attention(q, k, v, 16, 3, backend="naive")
+    assert torch.equal(got[2], want[2])
+    assert rel(got[0], want[0]) < 1e-4 and rel(got[1], want[1]) < 1e-4
+
+
+def test_backward_is_bitwise_deterministic() -> None:
+    q, k, v = make(1, 64, 1, 4, 64, torch.bfloat16, seed=8)
+    idx = ssa.sparse_attention(q.float(), k.float(), v.float(), 16, 3, backend="naive")[2]
+    grads = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        o, _ = ssa.selected_attention(*leaves, idx, 16, backend="triton")
+        o.float().square().sum().backward()
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_unsupported_shapes_name_the_fix() -> None:
+    q, k, v = make(1, 32, 1, 2, 24, torch.float32, seed=0)
+    with pytest.raises(ValueError, match=r"power-of-two head_dim >= 16; got 24.*naive"):
+        ssa.sparse_attention(q, k, v, 16, 2, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# the same checks at realistic sizes (GPU machine: `pytest -m gpu`)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("h", "g", "d", "bs", "bc", "qr", "bounds"),
+    [
+        (2, 16, 64, 16, 16, None, None),  # the 1B layout
+        (2, 16, 128, 64, 8, None, None),
+        (2, 3, 64, 32, 16, (1000, 4096), None),
+        (1, 32, 128, 16, 32, None, [0, 1000, 1001, 3000, 4096]),
+    ],
+)
+def test_gpu_realistic_sizes(
+    h: int, g: int, d: int, bs: int, bc: int, qr: tuple[int, int] | None, bounds: list[int] | None
+) -> None:
+    check_attention(1, 4096, h, g, d, bs, bc, qr, bounds, torch.bfloat16, seed=bs + g)
+    check_attention(1, 4096, h, g, d, bs, bc, qr, bounds, torch.bfloat16, seed=bs + g, sparse=False)
+    # Selection on fp32 inputs: exact apart from genuine near-ties (fp32 rounding of the sums).
+    q, k, _ = make(1, 4096, h, g, d, torch.float32, seed=d)
+    lo = qr[0] if qr else 0
+    kb = ssa.block_keys(k, bs, cu_seqlens=cu(bounds), backend="naive")
+    kw = {"q_offset": lo, "cu_seqlens": cu(bounds)}
+    with poisoned_outputs():
+        got = ssa.select_blocks(q[:, lo:], kb, bs, bc, backend="triton", **kw)
+    want = ssa.select_blocks(q[:, lo:], kb, bs, bc, backend="naive", **kw)
+    same = (got == want).all(-1).float().mean().item()
+    assert same > 0.999, same
+    assert rel(ssa.block_keys(k, bs, cu_seqlens=cu(bounds), backend="triton"), kb) < 1e-6
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_bitwise_deterministic() -> None:
+    q, k, v = make(1, 8192, 2, 16, 64, torch.bfloat16, seed=4)
+    idx = ssa.select_blocks(q, ssa.block_keys(k, 16), 16, 16)
+    grads = []
+    for _ in range(3):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        o, _ = ssa.selected_attention(*leaves, idx, 16)
+        o.float().square().sum().backward()
+        grads.append([x.grad for x in leaves])
+    for run in grads[1:]:
+        for a, b in zip(run, grads[0]):
+            assert torch.equal(a, b)
