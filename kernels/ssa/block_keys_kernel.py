@@ -19,9 +19,9 @@ def _block_keys_kernel(
 ):  # fmt: skip
     row = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
-    start = tl.load(BLK_START + row)
+    start = tl.load(BLK_START + row).to(tl.int64)
     length = tl.load(BLK_LEN + row)
     r = tl.arange(0, BS)
     d = tl.arange(0, D)

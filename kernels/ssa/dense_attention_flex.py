@@ -17,7 +17,7 @@ from kernels.ssa._common import doc_bounds
 
 @functools.cache
 def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
 def _block_mask(

@@ -32,9 +32,9 @@ def _fwd_kernel(
     q_offset, qk_scale, H, G, BC,
     BS: tl.constexpr, GP: tl.constexpr, KN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    i = tl.program_id(0)
+    i = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
     g = tl.arange(0, GP)
     g_ok = g < G
@@ -42,7 +42,7 @@ def _fwd_kernel(
     q = tl.load(
         Q + b * sq_b + i * sq_t + (h * G + g)[:, None] * sq_h + d[None, :], mask=g_ok[:, None], other=0.0
     )
-    doc = tl.load(QDOC + i)
+    doc = tl.load(QDOC + i).to(tl.int64)
     loc = q_offset + i - doc
     kk = tl.arange(0, KN)
     c_in = kk // BS
@@ -84,9 +84,9 @@ def _dq_kernel(
     BS: tl.constexpr, GP: tl.constexpr, KN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     # DO and DQ share q's strides (the wrapper makes them contiguous like q).
-    i = tl.program_id(0)
+    i = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
     g = tl.arange(0, GP)
     g_ok = g < G
@@ -97,7 +97,7 @@ def _dq_kernel(
     l_off = b * sl_b + i * sl_t + (h * G + g) * sl_h
     lse2 = tl.load(LSE + l_off, mask=g_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + l_off, mask=g_ok, other=0.0)
-    doc = tl.load(QDOC + i)
+    doc = tl.load(QDOC + i).to(tl.int64)
     loc = q_offset + i - doc
     kk = tl.arange(0, KN)
     c_in = kk // BS
@@ -128,15 +128,15 @@ def _dkdv_segment_kernel(
     q_offset, qk_scale, scale, H, G, NB,
     BS: tl.constexpr, GP: tl.constexpr, QC: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    seg = tl.program_id(0)
+    seg = tl.program_id(0).to(tl.int64)
     key = tl.load(SEG_KEY + seg)
     lo = tl.load(SEG_LO + seg)
     hi = tl.load(SEG_HI + seg)
     bh = key // NB
     row = key % NB
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
-    kstart = tl.load(BLK_START + row)
+    kstart = tl.load(BLK_START + row).to(tl.int64)
     klen = tl.load(BLK_LEN + row)
     r = tl.arange(0, BS)
     d = tl.arange(0, D)
@@ -153,7 +153,7 @@ def _dkdv_segment_kernel(
     for j0 in range(lo, hi, QC):
         jj = j0 + t_in
         t_ok = jj < hi
-        tok = tl.load(TOK + jj, mask=t_ok, other=0)
+        tok = tl.load(TOK + jj, mask=t_ok, other=0).to(tl.int64)
         row_ok = t_ok & (g < G)
         qo_off = b * sq_b + tok[:, None] * sq_t + (h * G + g)[:, None] * sq_h + d[None, :]
         q = tl.load(Q + qo_off, mask=row_ok[:, None], other=0.0)
@@ -180,10 +180,10 @@ def _dkdv_reduce_kernel(
     sk_b, sk_t, sk_h, H, NB,
     BS: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
-    key = tl.program_id(0)
+    key = tl.program_id(0).to(tl.int64)
     bh = key // NB
     row = key % NB
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
     first = tl.load(KEY_SEG0 + key)
     count = tl.load(KEY_NSEG + key)
@@ -195,7 +195,7 @@ def _dkdv_reduce_kernel(
         off = s * BS * D + r[:, None] * D + d[None, :]
         dk += tl.load(PDK + off)
         dv += tl.load(PDV + off)
-    kstart = tl.load(BLK_START + row)
+    kstart = tl.load(BLK_START + row).to(tl.int64)
     klen = tl.load(BLK_LEN + row)
     out = b * sk_b + (kstart + r)[:, None] * sk_t + h * sk_h + d[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=(r < klen)[:, None])

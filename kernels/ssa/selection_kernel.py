@@ -57,9 +57,9 @@ def _select_kernel(
 ):  # fmt: skip
     tile = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
-    q0 = tl.load(TILE_Q0 + tile)
+    q0 = tl.load(TILE_Q0 + tile).to(tl.int64)
     q1 = tl.load(TILE_Q1 + tile)
     doc = tl.load(QDOC + q0)
     base = tl.load(QBASE + q0)
@@ -75,8 +75,8 @@ def _select_kernel(
     loc_row = q_offset + q0 + t_row - doc
     complete_row = (loc_row + 1) // BS
     last = q_offset + q1 - 1 - doc
-    complete_max = (last + 1) // BS
-    own_max = last // BS
+    complete_max = ((last + 1) // BS).to(tl.int32)
+    own_max = (last // BS).to(tl.int32)
 
     cols = tl.arange(0, BN)
     kb_base = KB + b * skb_b + h * skb_h + base * skb_n
