@@ -1,0 +1,248 @@
+"""Data-parallel streaming loaders over packed MDS rows, with exact resumption.
+
+How ranks get their batches
+---------------------------
+Every rank reads its own batch; nothing is broadcast. All ranks of one model replica (its
+tensor-, context- and pipeline-parallel ranks) read with the replica's data-parallel rank,
+so they see identical batches; different data-parallel ranks see disjoint samples. A
+context-parallel rank slices its chunk from the full batch (see ``context_parallel.py``);
+middle pipeline stages may simply not use theirs. Reading on every rank costs a few
+microseconds per row from the node-local cache, and avoids a broadcast and a code path
+that only some ranks run.
+
+streaming's own ``replication`` only groups *adjacent* ranks, and pipeline stages are not
+adjacent in Megatron's rank order. So each rank builds the dataset with its real
+``RANK``/``LOCAL_RANK`` (streaming uses them for the node's shared cache, shared memory and
+barriers, which must match the physical layout), and :class:`ReplicaStreamingDataset` then
+partitions the epoch over a *data-parallel* world ``(dp_rank, dp_size)`` instead. Because
+streaming shares epoch-level work between the processes of a node through shared-memory
+barriers, **every rank of every node must iterate its loader** (same number of epochs,
+same number of batches) — this is why TP ranks > 0 read too.
+
+Launchers
+---------
+Call :func:`ssa_megatron.data.streaming_env.set_streaming_env` (or pass ``launch=`` to
+:func:`build_loaders`) so that runs under torchrun and under the DeepSpeed launcher (which
+sets ``LOCAL_SIZE``, not ``LOCAL_WORLD_SIZE``) look the same to streaming.
+
+Resumption
+----------
+``state_dict()`` is the same on every rank; save it with each checkpoint and call
+``load_state_dict()`` on every rank before iterating. The resumed run then consumes
+exactly the samples an uninterrupted run would have (the concatenated sample sequence of
+run + resume equals the uninterrupted one). The state records streaming's epoch, the
+global sample offset in it, ``num_canonical_nodes`` and the shuffle seed.
+
+Elastic resumption on a different number of nodes / data-parallel ranks: the global
+order of an epoch is fixed by ``num_canonical_nodes`` (taken from the state), so the
+resumed run skips exactly the samples already consumed and covers every remaining sample
+of the epoch once — no sample is repeated or lost. Which rank gets which remaining sample
+changes with the layout, and streaming requires the new number of (data-parallel) nodes
+to divide ``num_canonical_nodes`` or be a multiple of it. Keep the global batch size
+(``micro_batch_size x dp_size``) unchanged so that the step count stays meaningful.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import torch
+from streaming import Stream, StreamingDataset
+from streaming.base.world import World
+from torch.utils.data import DataLoader
+
+from ssa_megatron.data.batch import rows_to_batch
+from ssa_megatron.data.config import DataConfig, StreamSpec
+from ssa_megatron.data.http_remote import register_http_remote
+from ssa_megatron.data.streaming_env import LaunchLike, apply_launch
+
+register_http_remote()
+
+STATE_VERSION = 1
+
+
+def data_parallel_world(physical: World, dp_rank: int, dp_size: int) -> World:
+    """streaming's view of the run when only the data-parallel position decides the samples.
+
+    Grouping data-parallel ranks into as many "nodes" as there are physical nodes keeps
+    each physical node reading mostly its own shards (ranks are numbered node by node and
+    the data-parallel rank grows with the global rank in Megatron's order).
+    """
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} is outside dp_size={dp_size}")
+    if physical.num_ranks % dp_size:
+        raise ValueError(f"dp_size={dp_size} does not divide the world size {physical.num_ranks}")
+    nodes = physical.num_nodes if dp_size % physical.num_nodes == 0 else 1
+    per_node = dp_size // nodes
+    return World(num_nodes=nodes, ranks_per_node=per_node, workers_per_rank=1, worker=dp_rank)
+
+
+class ReplicaStreamingDataset(StreamingDataset):
+    """A StreamingDataset whose samples depend only on the data-parallel rank (see module doc)."""
+
+    def __init__(self, *, dp_rank: int, dp_size: int, **kwargs: Any) -> None:
+        super().__init__(replication=None, **kwargs)
+        self._parallel_rank_world = data_parallel_world(self._unique_rank_world, dp_rank, dp_size)
+        self.length = math.ceil(self.epoch_size / dp_size)
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+
+class PackedRowLoader:
+    """Iterates batch dicts of one data-parallel rank; tracks what it consumed for checkpoints.
+
+    ``infinite=True`` (training) runs epoch after epoch; otherwise one pass per ``iter()``
+    (validation: the same rows in the same order every time when ``shuffle`` is off).
+    """
+
+    def __init__(
+        self,
+        dataset: ReplicaStreamingDataset,
+        *,
+        micro_batch_size: int,
+        seq_len: int,
+        num_workers: int,
+        infinite: bool,
+        with_row_ids: bool = False,
+    ) -> None:
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.seq_len = seq_len
+        self.infinite = infinite
+        self.with_row_ids = with_row_ids
+        self._loader = DataLoader(
+            dataset,
+            batch_size=micro_batch_size,
+            num_workers=num_workers,
+            collate_fn=partial(rows_to_batch, seq_len=seq_len),
+            drop_last=True,
+            persistent_workers=num_workers > 0,
+        )
+        # Batches yielded in the current epoch since it started or since load_state_dict.
+        self._batches = 0
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return len(self.dataset) // self.micro_batch_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            self._batches = 0
+            for batch in self._loader:
+                self._batches += 1
+                if not self.with_row_ids:
+                    batch.pop("row_ids")
+                yield batch
+            if not self.infinite:
+                return
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position in the epoch (global samples) + shuffle identity; identical on every rank."""
+        consumed = self._batches * self.micro_batch_size * self.dataset.dp_size
+        return {
+            "version": STATE_VERSION,
+            "streaming": self.dataset.state_dict(consumed, from_beginning=False),
+            "micro_batch_size": self.micro_batch_size,
+            "dp_size": self.dataset.dp_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume where ``state`` was taken; call on every rank before the next ``iter()``."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}; "
+                             "it was saved by an incompatible ssa-megatron")
+        self.dataset.load_state_dict(state["streaming"])
+        self._batches = 0
+
+    def close(self) -> None:
+        """Release streaming's shared memory now (before building another loader on the same cache)."""
+        self._loader = None  # type: ignore[assignment]
+        del self.dataset
+
+
+def _streams(cfg: DataConfig, specs: list[StreamSpec]) -> list[Stream]:
+    streams = []
+    for spec in specs:
+        local = cfg.local_dir(spec)
+        if local is None:
+            if not os.path.isfile(os.path.join(spec.path, "index.json")):
+                raise FileNotFoundError(
+                    f"stream {spec.path!r} has no index.json; point it at an MDS directory written by "
+                    "tools/prepare_data.py (e.g. <out>/train)"
+                )
+            remote, local = None, spec.path
+        else:
+            remote = spec.path
+        streams.append(Stream(
+            remote=remote, local=local, proportion=spec.proportion, repeat=spec.repeat, choose=spec.choose,
+            download_retry=cfg.download_retry, download_timeout=cfg.download_timeout,
+            validate_hash=cfg.validate_hash,
+        ))
+    return streams
+
+
+def build_dataset(
+    cfg: DataConfig,
+    specs: list[StreamSpec],
+    *,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    shuffle: bool,
+) -> ReplicaStreamingDataset:
+    return ReplicaStreamingDataset(
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        streams=_streams(cfg, specs),
+        batch_size=micro_batch_size,
+        shuffle=shuffle,
+        shuffle_seed=cfg.seed,
+        shuffle_algo=cfg.shuffle_algo,
+        shuffle_block_size=cfg.shuffle_block_size,
+        num_canonical_nodes=cfg.num_canonical_nodes,
+        predownload=cfg.predownload,
+        cache_limit=cfg.cache_limit,
+        epoch_size=cfg.epoch_size if shuffle else None,
+    )
+
+
+def build_loaders(
+    data_cfg: DataConfig | dict | Any,
+    *,
+    micro_batch_size: int,
+    seq_len: int,
+    dp_rank: int,
+    dp_size: int,
+    launch: LaunchLike | None = None,
+    with_row_ids: bool = False,
+) -> tuple[PackedRowLoader, PackedRowLoader | None]:
+    """Train (infinite, shuffled) and validation (one pass, fixed order; None without streams) loaders.
+
+    Call on every rank of the job, collectively (streaming synchronises the ranks while it
+    sets up). ``launch`` carries rank/world/local numbers (e.g. ``training.launch.detect_launch()``);
+    it may be omitted only in a single-process run or when the environment already has
+    streaming's variables.
+    """
+    cfg = DataConfig.from_any(data_cfg)
+    if micro_batch_size < 1 or seq_len < 1:
+        raise ValueError(f"micro_batch_size={micro_batch_size} and seq_len={seq_len} must be positive")
+    if launch is not None:
+        apply_launch(launch)
+    train = PackedRowLoader(
+        build_dataset(cfg, cfg.train, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                      shuffle=cfg.shuffle),
+        micro_batch_size=micro_batch_size, seq_len=seq_len, num_workers=cfg.num_workers, infinite=True,
+        with_row_ids=with_row_ids,
+    )
+    valid = None
+    if cfg.valid:
+        valid = PackedRowLoader(
+            build_dataset(cfg, cfg.valid, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                          shuffle=False),
+            micro_batch_size=micro_batch_size, seq_len=seq_len, num_workers=0, infinite=False,
+            with_row_ids=with_row_ids,
+        )
+    return train, valid

@@ -1,0 +1,256 @@
+"""Tokenizers: one small interface over a sentencepiece model or a Hugging Face ``tokenizer.json``.
+
+``load_tokenizer(path)`` picks the backend from the file: ``*.json`` is read with the
+``tokenizers`` package (so a Llama-3 ``tokenizer.json`` works), anything else is a
+sentencepiece model. ``train_sentencepiece`` trains a new model (BPE or unigram, byte
+fallback, our fixed special-token ids) deterministically from an iterator of documents.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+# Fixed ids for the models we train, so every config and checkpoint agrees on them.
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+UNK_PIECE, BOS_PIECE, EOS_PIECE, PAD_PIECE = "<unk>", "<s>", "</s>", "<pad>"
+
+# Special tokens of common HF tokenizers, tried in order when the caller names none.
+_HF_BOS = ("<|begin_of_text|>", "<s>", "<|startoftext|>", "<bos>", "[CLS]")
+_HF_EOS = ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>", "[SEP]")
+_HF_PAD = ("<pad>", "<|finetune_right_pad_id|>", "[PAD]", "<|padding|>")
+
+
+class Tokenizer(Protocol):
+    """What the data pipeline and the trainer need from a tokenizer."""
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def bos_id(self) -> int | None: ...
+    @property
+    def eos_id(self) -> int: ...
+    @property
+    def pad_id(self) -> int: ...
+    def encode(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece model; ``encode`` adds no BOS/EOS (the packer decides where they go)."""
+
+    def __init__(self, model_path: str | os.PathLike) -> None:
+        import sentencepiece as spm
+
+        self.path = str(model_path)
+        self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        if self._sp.eos_id() < 0:
+            raise ValueError(f"sentencepiece model {self.path} has no EOS piece; retrain it with an eos id")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._sp.get_piece_size())
+
+    @property
+    def bos_id(self) -> int | None:
+        value = self._sp.bos_id()
+        return None if value < 0 else int(value)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self._sp.eos_id())
+
+    @property
+    def pad_id(self) -> int:
+        # Models without a pad piece pad with EOS; padded positions are masked out of the loss anyway.
+        value = self._sp.pad_id()
+        return self.eos_id if value < 0 else int(value)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.encode(text))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(ids) for ids in self._sp.encode(list(texts))]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def piece_to_id(self, piece: str) -> int:
+        return int(self._sp.piece_to_id(piece))
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (e.g. Llama 3) through the ``tokenizers`` package."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+    ) -> None:
+        try:
+            from tokenizers import Tokenizer as _HFTok
+        except ImportError as err:  # the package comes with the `hf` extra
+            raise ImportError(
+                f"reading {path} needs the `tokenizers` package; install ssa-megatron[hf]"
+            ) from err
+        self.path = str(path)
+        self._tok = _HFTok.from_file(self.path)
+        self._bos = self._find(bos_token, _HF_BOS, "bos_token", required=False)
+        eos = self._find(eos_token, _HF_EOS, "eos_token", required=True)
+        assert eos is not None
+        self._eos = eos
+        pad = self._find(pad_token, _HF_PAD, "pad_token", required=False)
+        self._pad = eos if pad is None else pad
+
+    def _find(self, name: str | None, candidates: Sequence[str], what: str, *, required: bool) -> int | None:
+        names = (name,) if name is not None else candidates
+        for candidate in names:
+            token_id = self._tok.token_to_id(candidate)
+            if token_id is not None:
+                return int(token_id)
+        if name is not None:
+            raise ValueError(f"{what}={name!r} is not in the vocabulary of {self.path}")
+        if required:
+            raise ValueError(
+                f"could not find an {what} in {self.path} (tried {', '.join(candidates)}); pass {what}=..."
+            )
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(enc.ids) for enc in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_tokenizer(
+    path: str | os.PathLike,
+    *,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    pad_token: str | None = None,
+) -> SentencePieceTokenizer | HFTokenizer:
+    """Open a sentencepiece model, or a ``tokenizer.json`` (file or the directory holding it)."""
+    p = Path(path)
+    if p.is_dir() and (p / "tokenizer.json").is_file():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"tokenizer {str(path)!r} does not exist; pass a sentencepiece .model file or a tokenizer.json "
+            "(train one with tools/train_tokenizer.py)"
+        )
+    if p.suffix == ".json":
+        return HFTokenizer(p, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token)
+    if any(x is not None for x in (bos_token, eos_token, pad_token)):
+        raise ValueError("bos_token/eos_token/pad_token apply to tokenizer.json only; a sentencepiece model "
+                         "carries its own special ids")
+    return SentencePieceTokenizer(p)
+
+
+def train_sentencepiece(
+    documents: Iterable[str],
+    model_prefix: str | os.PathLike,
+    *,
+    vocab_size: int,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    user_defined_symbols: Sequence[str] = (),
+    character_coverage: float = 0.9995,
+    max_sentence_length: int = 16384,
+    input_sentence_size: int = 0,
+    seed: int = 1234,
+    num_threads: int = 1,
+    hard_vocab_limit: bool = True,
+) -> Path:
+    """Train a sentencepiece model on ``documents``; write ``<model_prefix>.model`` and ``.vocab``.
+
+    Ids are fixed: unk=0, bos=1, eos=2, pad=3 (then ``user_defined_symbols``). With the same
+    documents, parameters and seed the model file is byte-identical (the training sample
+    and the trainer's RNG are both seeded).
+    """
+    import sentencepiece as spm
+
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type={model_type!r} is not supported; use 'bpe' or 'unigram'")
+    reserved = {UNK_PIECE, BOS_PIECE, EOS_PIECE, PAD_PIECE}
+    clash = sorted(reserved.intersection(user_defined_symbols))
+    if clash:
+        raise ValueError(f"user_defined_symbols {clash} clash with the built-in special pieces; drop them")
+    prefix = Path(model_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+
+    def sentences() -> Iterator[str]:
+        # sentencepiece treats each item as one sentence; long documents are split on lines so
+        # that max_sentence_length does not silently drop them.
+        for doc in documents:
+            for line in doc.splitlines():
+                line = line.strip()
+                if line:
+                    yield line[:max_sentence_length]
+
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences(),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=byte_fallback,
+        user_defined_symbols=list(user_defined_symbols),
+        character_coverage=character_coverage,
+        max_sentence_length=max_sentence_length,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        num_threads=num_threads,
+        hard_vocab_limit=hard_vocab_limit,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        unk_piece=UNK_PIECE,
+        bos_piece=BOS_PIECE,
+        eos_piece=EOS_PIECE,
+        pad_piece=PAD_PIECE,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        minloglevel=2,
+    )
+    model_path = prefix.with_name(prefix.name + ".model")
+    tmp = model_path.with_name(model_path.name + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, model_path)  # readers never see a half-written model
+    vocab_path = prefix.with_name(prefix.name + ".vocab")
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab_path.write_text(
+        "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size())),
+        encoding="utf-8",
+    )
+    return model_path
