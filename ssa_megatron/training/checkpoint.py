@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST = "latest"
 COMPLETE = "complete.json"
@@ -59,8 +60,9 @@ def _model_key(i: int, n: int) -> str:
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    # DDP (megatron) and the DeepSpeed engine both keep the real model in `.module`.
-    while hasattr(chunk, "module") and not hasattr(chunk, "sharded_state_dict"):
+    # megatron's DDP, Float16Module and the DeepSpeed engine keep the model in `.module`; saving the bare
+    # GPTModel's keys makes checkpoints independent of the wrappers (and of the engine) used to train.
+    while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
 
@@ -124,10 +126,11 @@ def save_checkpoint(
         (tmp / "optim").mkdir()
     dist.barrier()
 
-    model_sd = model_sharded_state_dict(model)
-    dist_checkpointing.save(model_sd, str(tmp / "model"))
+    dist_checkpointing.save(model_sharded_state_dict(model), str(tmp / "model"))
     if optimizer is not None and hasattr(optimizer, "sharded_state_dict"):
-        dist_checkpointing.save(optimizer.sharded_state_dict(model_sd), str(tmp / "optim"))
+        # A fresh model state dict: dist_checkpointing.save consumes the one it is given.
+        optim_sd = optimizer.sharded_state_dict(model_sharded_state_dict(model))
+        dist_checkpointing.save(optim_sd, str(tmp / "optim"))
     elif optimizer is not None:
         # DeepSpeed: its engine writes its own (ZeRO-partitioned) optimizer files.
         optimizer.save_checkpoint(str(tmp / "optim"), tag="ds", client_state={}, save_latest=False)
@@ -202,7 +205,8 @@ def _dist_load(sharded_sd: dict[str, Any], path: Path, what: str) -> dict[str, A
         raise CheckpointError(f"checkpoint {path.parent}: {what} is missing ({path}/metadata.json not found)")
     try:
         return dist_checkpointing.load(sharded_sd, str(path))
-    except Exception as err:
+    # torch.distributed.checkpoint wraps reader errors in CheckpointException, a BaseException.
+    except (Exception, CheckpointException) as err:
         raise CheckpointError(
             f"checkpoint {path.parent}: could not read the {what} ({type(err).__name__}: {err}). "
             "The files are damaged or truncated, or the model shape differs from the config that saved it "
@@ -261,6 +265,8 @@ def load_checkpoint(path: Path, model: list[torch.nn.Module], optimizer: Any, sc
         load_model_weights(path, model)
     train_state = _torch_load(path / "train_state.pt", "training state")
     if scheduler is not None and train_state["scheduler"] is not None:
+        # megatron's load_state_dict *adds* the saved step count to the current one.
+        scheduler.num_steps = 0
         scheduler.load_state_dict(train_state["scheduler"])
     per_rank = _torch_load(path / f"rank_{dist.get_rank():05d}.pt", "per-rank state")
     _set_rng_state(per_rank["rng"])

@@ -1,4 +1,4 @@
-"""CPU support for the training side of megatron-core (DDP grad buffers, optimizer, grad clipping).
+"""CPU support for the training side of megatron-core (DDP grad buffers, optimizer, clipping, checkpoints).
 
 `ssa_megatron.cpu_compat` redirects the CUDA-only paths that the *model* and the pipeline
 schedules reach. Training also goes through megatron's DistributedDataParallel (grad
@@ -25,6 +25,10 @@ _TRAINING_MODULES = (
     "megatron.core.distributed.finalize_model_grads",
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.clip_grads",
+    # dist_checkpointing: synchronize() before reading tensors, verification flags allocated on 'cuda'.
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
 )
 
 

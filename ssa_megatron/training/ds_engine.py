@@ -132,6 +132,8 @@ class DeepSpeedEngine:
         )
         self.cfg, self.device = cfg, device
         self.model = [self.engine]
+        # DeepSpeed writes its own (ZeRO-partitioned) optimizer files through the engine.
+        self.ckpt_optimizer = self.engine
         self.model_config = chunks[0].config
         self._torch_optimizer = optimizer
 

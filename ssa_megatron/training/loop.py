@@ -168,6 +168,8 @@ class MegatronEngine:
     ) -> None:
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.device = device
+        # What checkpoint.save_checkpoint stores optimizer state from.
+        self.ckpt_optimizer = optimizer
         config = model[0].config
         self.model_config = config
         config.grad_scale_func = optimizer.scale_loss

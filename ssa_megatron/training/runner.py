@@ -132,6 +132,31 @@ def _build_model(cfg: TrainConfig, config: Any, vocab_size: int) -> list[torch.n
     )
 
 
+def build_engine(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Any:
+    """Parallel state, the SSA model and its engine (megatron DDP + optimizer, or DeepSpeed).
+
+    Needs the default process group. Returns `loop.MegatronEngine` or `ds_engine.DeepSpeedEngine`.
+    """
+    from megatron.core import parallel_state
+
+    from ssa_megatron.parallel import initialize_parallel
+
+    enable_cpu_training()
+    p = cfg.parallel
+    initialize_parallel(p.tensor, p.pipeline, p.context, p.virtual_pipeline, seed=cfg.train.seed)
+    mconfig = model_config(cfg, vocab_size, device)
+    chunks = [c.to(device) for c in _build_model(cfg, mconfig, vocab_size)]
+    if cfg.train.engine == "deepspeed":
+        from ssa_megatron.training.ds_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, chunks, device, parallel_state.get_data_parallel_world_size())
+    from ssa_megatron.training.optim import build_optimizer, build_scheduler, wrap_model
+
+    model = wrap_model(cfg, chunks)
+    optimizer = build_optimizer(cfg, model)
+    return MegatronEngine(cfg, model, optimizer, build_scheduler(cfg, optimizer), device)
+
+
 def _data_config(cfg: TrainConfig) -> dict[str, Any]:
     root = cfg.data.path.rstrip("/")
     data: dict[str, Any] = {
@@ -148,7 +173,6 @@ def run(cfg: TrainConfig, env: LaunchEnv | None = None, stream: TextIO | None = 
     from megatron.core import parallel_state
 
     from ssa_megatron.data import build_loaders
-    from ssa_megatron.parallel import initialize_parallel
 
     stream = stream or sys.stdout
     env = env or detect_launch()
@@ -170,25 +194,8 @@ def run(cfg: TrainConfig, env: LaunchEnv | None = None, stream: TextIO | None = 
     if vocab < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
 
-    enable_cpu_training()
-    p = cfg.parallel
-    initialize_parallel(p.tensor, p.pipeline, p.context, p.virtual_pipeline, seed=cfg.train.seed)
-    mconfig = model_config(cfg, vocab, device)
-    chunks = [c.to(device) for c in _build_model(cfg, mconfig, vocab)]
-
-    if cfg.train.engine == "deepspeed":
-        from ssa_megatron.training.ds_engine import DeepSpeedEngine
-
-        engine: Any = DeepSpeedEngine(cfg, chunks, device, dp)
-        ckpt_optimizer: Any = engine.engine
-    else:
-        from ssa_megatron.training.optim import build_optimizer, build_scheduler, wrap_model
-
-        model = wrap_model(cfg, chunks)
-        optimizer = build_optimizer(cfg, model)
-        engine = MegatronEngine(cfg, model, optimizer, build_scheduler(cfg, optimizer), device)
-        ckpt_optimizer = optimizer
-
+    engine = build_engine(cfg, vocab, device)
+    ckpt_optimizer = engine.ckpt_optimizer
     t = cfg.train
     num_micro = t.global_batch_size // (t.micro_batch_size * dp)
     train_loader, valid_loader = build_loaders(
@@ -204,96 +211,102 @@ def run(cfg: TrainConfig, env: LaunchEnv | None = None, stream: TextIO | None = 
     load_path = ckpt.resolve_checkpoint(cfg.checkpoint.load, cfg.checkpoint.dir)
     logging_rank = env.is_main
     logger = MetricsLogger(cfg, logging_rank, t.train_iters, stream)
-    if load_path is not None:
-        if cfg.checkpoint.load_weights_only:
-            ckpt.load_model_weights(load_path, engine.model)
-            logger.print(
-                f"loaded model weights from {load_path} (optimizer, schedule and data order start fresh)"
+    try:
+        if load_path is not None:
+            if cfg.checkpoint.load_weights_only:
+                ckpt.load_model_weights(load_path, engine.model)
+                logger.print(
+                    f"loaded model weights from {load_path} (optimizer, schedule and data order start fresh)"
+                )
+            else:
+                loaded = ckpt.load_checkpoint(load_path, engine.model, ckpt_optimizer, engine.scheduler)
+                state.iteration = loaded.iteration
+                state.consumed_samples = loaded.iteration * t.global_batch_size
+                train_loader.load_state_dict(loaded.data_state)
+                logger.print(f"resumed from {load_path} at iteration {loaded.iteration}")
+
+        train_iter = iter(train_loader)
+        val_batches = validation_batches(valid_loader, num_micro, cfg.eval.iters)
+        last_saved: list[str | None] = [None]
+
+        def save(iteration: int) -> None:
+            if cfg.checkpoint.dir is None:
+                return
+            path = ckpt.save_checkpoint(
+                cfg.checkpoint.dir,
+                iteration,
+                engine.model,
+                ckpt_optimizer,
+                engine.scheduler,
+                train_loader.state_dict(),
+                cfg.to_dict(),
+                cfg.to_yaml(),
             )
-        else:
-            loaded = ckpt.load_checkpoint(load_path, engine.model, ckpt_optimizer, engine.scheduler)
-            state.iteration = loaded.iteration
-            state.consumed_samples = loaded.iteration * t.global_batch_size
-            train_loader.load_state_dict(loaded.data_state)
-            logger.print(f"resumed from {load_path} at iteration {loaded.iteration}")
+            last_saved[0] = str(path)
+            logger.print(f"saved checkpoint {path}")
 
-    train_iter = iter(train_loader)
-    val_batches = validation_batches(valid_loader, num_micro, cfg.eval.iters)
-    last_saved: list[str | None] = [None]
+        def run_eval(iteration: int) -> dict[str, dict[str, float]]:
+            results: dict[str, dict[str, float]] = {}
+            for mode in cfg.eval.modes:
+                res = evaluate(engine, val_batches, mode)
+                if cfg.eval.sparsity and val_batches:
+                    sparsity = attention_sparsity(engine, val_batches[0], mode)
+                    if sparsity is not None:
+                        res["sparsity"] = sparsity
+                results[mode] = res
+                logger.scalars(f"val_{mode}", iteration, res)
+            line = " | ".join(
+                f"{mode}: loss {r['loss']:.4f} ppl {r['ppl']:.2f}"
+                + (f" sparsity {r['sparsity']:.3f}" if "sparsity" in r else "")
+                for mode, r in results.items()
+            )
+            logger.print(f"validation at iteration {iteration} | {line}")
+            return results
 
-    def save(iteration: int) -> None:
-        if cfg.checkpoint.dir is None:
-            return
-        path = ckpt.save_checkpoint(
-            cfg.checkpoint.dir,
-            iteration,
-            engine.model,
-            ckpt_optimizer,
-            engine.scheduler,
-            train_loader.state_dict(),
-            cfg.to_dict(),
-            cfg.to_yaml(),
-        )
-        last_saved[0] = str(path)
-        logger.print(f"saved checkpoint {path}")
+        def on_interval(iteration: int, stopping: bool) -> None:
+            if (
+                cfg.eval.interval
+                and iteration % cfg.eval.interval == 0
+                and iteration < t.train_iters
+                and val_batches
+            ):
+                run_eval(iteration)
+            interval = cfg.checkpoint.save_interval
+            due = interval and iteration % interval == 0
+            final = iteration == t.train_iters and cfg.checkpoint.save_on_exit
+            if due or final or (stopping and cfg.checkpoint.save_on_exit):
+                save(iteration)
 
-    def run_eval(iteration: int) -> dict[str, dict[str, float]]:
-        results: dict[str, dict[str, float]] = {}
-        for mode in cfg.eval.modes:
-            res = evaluate(engine, val_batches, mode)
-            if cfg.eval.sparsity and val_batches:
-                sparsity = attention_sparsity(engine, val_batches[0], mode)
-                if sparsity is not None:
-                    res["sparsity"] = sparsity
-            results[mode] = res
-            logger.scalars(f"val_{mode}", iteration, res)
-        line = " | ".join(
-            f"{mode}: loss {r['loss']:.4f} ppl {r['ppl']:.2f}"
-            + (f" sparsity {r['sparsity']:.3f}" if "sparsity" in r else "")
-            for mode, r in results.items()
-        )
-        logger.print(f"validation at iteration {iteration} | {line}")
-        return results
+        stop = StopFlag()
+        stop.install()
+        flops = training_flops_per_sequence(cfg.model, cfg.data.seq_length, vocab, t.recompute)
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        peak = peak_tflops(device_name, cfg.logging.peak_tflops)
 
-    def on_interval(iteration: int, stopping: bool) -> None:
-        if (
-            cfg.eval.interval
-            and iteration % cfg.eval.interval == 0
-            and iteration < t.train_iters
-            and val_batches
-        ):
-            run_eval(iteration)
-        interval = cfg.checkpoint.save_interval
-        due = interval and iteration % interval == 0
-        final = iteration == t.train_iters and cfg.checkpoint.save_on_exit
-        if due or final or (stopping and cfg.checkpoint.save_on_exit):
-            save(iteration)
-
-    stop = StopFlag()
-    stop.install()
-    flops = training_flops_per_sequence(cfg.model, cfg.data.seq_length, vocab, t.recompute)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = peak_tflops(device_name, cfg.logging.peak_tflops)
-
-    if state.iteration < t.train_iters:
-        state = train(
-            cfg,
-            engine,
-            state,
-            lambda: [next(train_iter) for _ in range(num_micro)],
-            logger,
-            flops,
-            peak,
-            device,
-            on_interval,
-            stop,
-        )
-    final_eval: dict[str, dict[str, float]] = {}
-    if cfg.eval.at_end and val_batches and not stop.requested:
-        final_eval = run_eval(state.iteration)
-        summary = ", ".join(
-            f"{mode}-mode validation perplexity {r['ppl']:.2f}" for mode, r in final_eval.items()
-        )
-        logger.print(f"final ({state.iteration} iterations): {summary}")
-    logger.close()
+        if state.iteration < t.train_iters:
+            state = train(
+                cfg,
+                engine,
+                state,
+                lambda: [next(train_iter) for _ in range(num_micro)],
+                logger,
+                flops,
+                peak,
+                device,
+                on_interval,
+                stop,
+            )
+        final_eval: dict[str, dict[str, float]] = {}
+        if cfg.eval.at_end and val_batches and not stop.requested:
+            final_eval = run_eval(state.iteration)
+            summary = ", ".join(
+                f"{mode}-mode validation perplexity {r['ppl']:.2f}" for mode, r in final_eval.items()
+            )
+            logger.print(f"final ({state.iteration} iterations): {summary}")
+    finally:
+        logger.close()
+        # streaming keeps shared memory per loader; release it now, not at interpreter exit.
+        train_loader.close()
+        if valid_loader is not None:
+            valid_loader.close()
     return RunResult(state.iteration, state.history, final_eval, last_saved[0])
