@@ -14,9 +14,38 @@ import yaml
 
 from .configuration_ssa import SSAConfig
 from .modeling_ssa import SSAForCausalLM
-from .weight_mapping import MappingError, hf_to_megatron_state, megatron_to_hf_state, ssa_config_from_training
+from .weight_mapping import (
+    MappingError,
+    hf_to_megatron_state,
+    megatron_to_hf_state,
+    ssa_config_from_training,
+    training_model_section,
+)
 
 LATEST, COMPLETE = "latest", "complete.json"
+_STACKED = "decoder.layers."
+# SSAConfig fields that define the model (everything else in to_dict() is transformers bookkeeping).
+_SSA_INIT_KEYS = frozenset(
+    [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "max_position_embeddings",
+        "initializer_range",
+        "tie_word_embeddings",
+        "attention_mode",
+        "block_size",
+        "block_count",
+        "train_seq_length",
+    ]
+)
 
 
 class CheckpointFormatError(ValueError):
@@ -127,23 +156,67 @@ def read_training_config(ckpt: Path) -> dict[str, Any]:
     return cfg
 
 
-def read_megatron_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Every model tensor of a dist checkpoint, unsharded (any TP/PP layout), by single-rank name."""
+def _unstack_layers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """megatron saves homogeneous layers stacked: ``decoder.layers.<name>`` ``[num_layers, ...]``; split them
+    into the single-rank names ``decoder.layers.<i>.<name>``."""
+    out = {}
+    for key, value in tensors.items():
+        rest = key[len(_STACKED) :] if key.startswith(_STACKED) else None
+        if rest is None or rest.split(".", 1)[0].isdigit():
+            out[key] = value
+            continue
+        for i, layer in enumerate(value.unbind(0)):
+            out[f"{_STACKED}{i}.{rest}"] = layer.clone()
+    return out
+
+
+def _load_plain(model_dir: Path) -> dict[str, Any]:
+    import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    model_dir = ckpt / "model"
-    if not (model_dir / "metadata.json").is_file():
-        raise CheckpointFormatError(f"{model_dir / 'metadata.json'} is missing; {ckpt} has no model weights")
+    if dist.is_initialized():
+        return dist_checkpointing.load_plain_tensors(str(model_dir))
+    # Reading needs a process group even for one process; an in-memory store needs no network or port.
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        tensors = dist_checkpointing.load_plain_tensors(str(model_dir))
+        return dist_checkpointing.load_plain_tensors(str(model_dir))
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_shard_files(model_dir: Path) -> None:
+    """Name a missing shard up front (torch's own error only says a read failed)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    for name in ("metadata.json", ".metadata"):
+        if not (model_dir / name).is_file():
+            raise CheckpointFormatError(
+                f"{model_dir / name} is missing; {model_dir.parent} has no readable weights"
+            )
+    storage = FileSystemReader(str(model_dir)).read_metadata().storage_data or {}
+    needed = sorted({info.relative_path for info in storage.values()})
+    missing = [name for name in needed if not (model_dir / name).is_file()]
+    if missing:
+        raise CheckpointFormatError(
+            f"{model_dir}: shard file(s) {missing} missing ({len(needed)} expected); copy the full checkpoint"
+        )
+
+
+def read_megatron_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a dist checkpoint, unsharded (any TP/PP layout), by single-rank name."""
+    model_dir = ckpt / "model"
+    _check_shard_files(model_dir)
+    try:
+        tensors = _load_plain(model_dir)
     except Exception as err:
         raise CheckpointFormatError(
             f"{model_dir}: cannot read the weights ({type(err).__name__}: {err}); a shard file (*.distcp) is "
             "missing or damaged"
         ) from err
-    return {
+    plain = {
         k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
     }
+    return _unstack_layers(plain)
 
 
 def load_megatron_as_hf(path: str | Path, **config_overrides: Any) -> SSAForCausalLM:
@@ -172,3 +245,149 @@ def load_megatron_as_hf(path: str | Path, **config_overrides: Any) -> SSAForCaus
 
 def megatron_state_from_hf(model: SSAForCausalLM) -> dict[str, torch.Tensor]:
     return hf_to_megatron_state(model.state_dict(), model.config)
+
+
+def _cpu_checkpoint_compat() -> None:
+    """Without CUDA, route the torch of megatron's dist-checkpoint savers through ssa_megatron's CPU proxy
+    (they call torch.cuda.synchronize/current_device unconditionally); nothing changes with CUDA."""
+    import importlib
+
+    from ssa_megatron import cpu_compat
+
+    if not cpu_compat.enable_cpu_compat():
+        return
+    for name in ("filesystem_async", "state_dict_saver"):
+        module = importlib.import_module(f"megatron.core.dist_checkpointing.strategies.{name}")
+        if not isinstance(module.torch, cpu_compat._TorchAsCpu):
+            cpu_compat._patch(module, "torch", cpu_compat._TorchAsCpu())
+
+
+def _save_worker(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    from ssa_megatron.parallel import destroy_parallel, initialize_parallel, load_full_state_dict
+    from ssa_megatron.training.checkpoint import save_checkpoint
+
+    initialize_parallel(job["tp"], job["pp"], 1, backend="gloo")
+    _cpu_checkpoint_compat()
+    config = SSAConfig(**job["config"])
+    model = build_megatron_model(config, tp=job["tp"], pp=job["pp"])
+    load_full_state_dict(model, job["state"])
+    save_checkpoint(
+        job["out"],
+        job["iteration"],
+        [model],
+        None,
+        None,
+        None,
+        job["train_config"],
+        yaml.safe_dump(job["train_config"], sort_keys=False),
+    )
+    destroy_parallel()
+
+
+def write_megatron_checkpoint(
+    model: SSAForCausalLM,
+    out_dir: str | Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    seq_length: int | None = None,
+    tokenizer: str | None = None,
+    iteration: int = 0,
+) -> Path:
+    """Save ``model`` as a Megatron SSA training checkpoint laid out for ``tp`` x ``pp`` ranks (written by
+    that many local gloo processes through the training stack's ``save_checkpoint``).
+
+    The checkpoint holds model weights and a complete training config (defaults for everything but
+    the model shape, the layout and the data length/tokenizer); no optimizer state, so continue from it
+    with ``checkpoint.load=<out_dir> checkpoint.load_weights_only=true``.
+    """
+    import torch.multiprocessing as mp
+
+    from ssa_megatron.training.config import config_from_dict
+
+    config = model.config
+    if config.num_hidden_layers % pp:
+        raise ValueError(f"--pp {pp} does not divide the {config.num_hidden_layers} layers")
+    for what, n in (
+        ("vocab_size", config.vocab_size),
+        ("num_attention_heads", config.num_attention_heads),
+        ("num_key_value_heads", config.num_key_value_heads),
+    ):
+        if n % tp:
+            raise ValueError(f"--tp {tp} does not divide {what}={n}")
+    seq = int(seq_length or config.train_seq_length)
+    data = {"seq_length": seq, **({"tokenizer": str(tokenizer)} if tokenizer else {})}
+    sections = {
+        "model": training_model_section(config),
+        "data": data,
+        "parallel": {"tensor": tp, "pipeline": pp},
+        "train": {"precision": "fp32"},
+    }
+    train_config = config_from_dict(sections).to_dict()
+    job = {
+        "tp": tp,
+        "pp": pp,
+        "out": str(out_dir),
+        "iteration": iteration,
+        "train_config": train_config,
+        "config": {k: v for k, v in config.to_dict().items() if k in _SSA_INIT_KEYS},
+        "state": {k: v.detach().float().cpu() for k, v in megatron_state_from_hf(model).items()},
+    }
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(
+        _save_worker, args=(tp * pp, port, job), nprocs=tp * pp, join=True, start_method="spawn"
+    )
+    return resolve_checkpoint_dir(out_dir)
+
+
+def check_tokenizer(tokenizer_path: str | Path, vocab_size: int) -> None:
+    """Refuse a tokenizer whose ids do not fit the model's embedding (it is not the model's tokenizer)."""
+    from ssa_megatron.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    if tok.vocab_size > vocab_size:
+        raise CheckpointFormatError(
+            f"tokenizer {tokenizer_path} has {tok.vocab_size} tokens but the checkpoint's embedding has "
+            f"{vocab_size} rows; it is not the tokenizer this model was trained with"
+        )
+
+
+def export_checkpoint_to_hf(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    include_kernels: bool = True,
+    dtype: torch.dtype = torch.float32,
+    **config_overrides: Any,
+) -> Path:
+    """Megatron SSA checkpoint (any TP/PP layout) -> self-contained HF directory (see ``export``).
+
+    ``tokenizer`` defaults to the ``data.tokenizer`` of the checkpoint's config when that file exists.
+    """
+    from .export import save_hf_directory
+
+    ckpt = resolve_checkpoint_dir(checkpoint)
+    model = load_megatron_as_hf(ckpt, **config_overrides)
+    if tokenizer is None:
+        saved = (read_training_config(ckpt).get("data") or {}).get("tokenizer")
+        tokenizer = saved if saved and Path(saved).exists() else None
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, model.config.vocab_size)
+    return save_hf_directory(
+        model.to(dtype), out_dir, tokenizer_path=tokenizer, include_kernels=include_kernels
+    )

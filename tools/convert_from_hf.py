@@ -1,0 +1,75 @@
+"""Convert a Llama-architecture Hugging Face checkpoint into an SSA Megatron checkpoint at a chosen TP/PP.
+
+The SSA gate is added with zero weights (sigmoid(0) = 0.5 on every head) and o_proj is doubled, so in
+full-attention mode the converted model computes exactly what the original does; sparse mode is the
+original with SSA block-sparse attention. Continue pretraining from it with
+`checkpoint.load=<out> checkpoint.load_weights_only=true`.
+
+    python tools/convert_from_hf.py --hf Llama-3.2-1B/ --out ckpt/ --tp 2 --pp 1 --seq-length 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf", help="Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--out", help="output checkpoint directory (gets `latest` and iter_0000000/)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the written checkpoint")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the written checkpoint")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-count", type=int, default=16)
+    p.add_argument(
+        "--seq-length", type=int, help="training sequence length (default: max_position_embeddings)"
+    )
+    p.add_argument(
+        "--drop-rope-scaling",
+        action="store_true",
+        help="convert a model with rope_scaling anyway (the SSA model uses plain RoPE)",
+    )
+    p.add_argument("--hf-out", help="also write the converted model as an SSA HF directory here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.hf:
+        parser.error("--hf is required")
+    if not args.out:
+        parser.error("--out is required")
+    if args.tp < 1 or args.pp < 1:
+        parser.error(f"--tp and --pp must be >= 1, got {args.tp} and {args.pp}")
+
+    from pathlib import Path
+
+    from ssa_megatron.hf.export import save_hf_directory
+    from ssa_megatron.hf.llama_import import ssa_from_llama
+    from ssa_megatron.hf.megatron_bridge import write_megatron_checkpoint
+
+    model = ssa_from_llama(
+        args.hf,
+        block_size=args.block_size,
+        block_count=args.block_count,
+        seq_length=args.seq_length,
+        drop_rope_scaling=args.drop_rope_scaling,
+    )
+    tok = next(
+        (Path(args.hf) / n for n in ("tokenizer.json", "tokenizer.model") if (Path(args.hf) / n).is_file()),
+        None,
+    )
+    ckpt = write_megatron_checkpoint(
+        model, args.out, tp=args.tp, pp=args.pp, tokenizer=str(tok) if tok else None
+    )
+    print(f"converted {args.hf} -> {ckpt} (TP={args.tp}, PP={args.pp})")
+    if args.hf_out:
+        save_hf_directory(model, args.hf_out, tokenizer_path=tok)
+        print(f"SSA HF directory: {args.hf_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
