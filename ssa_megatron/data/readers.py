@@ -1,9 +1,8 @@
 """Read documents from text, jsonl and parquet inputs; count what had to be skipped.
 
 Inputs are files, directories (searched recursively for the known suffixes), glob patterns,
-or ``-`` for stdin (read as jsonl when ``--text-key`` data is piped in, i.e. when a line
-parses as a JSON object, otherwise as text). Formats by suffix, optionally compressed
-(``.gz``, ``.bz2``, ``.xz``):
+or ``-`` for stdin (jsonl when its first non-empty line starts with ``{``, else text).
+Formats by suffix, optionally compressed (``.gz``, ``.bz2``, ``.xz``):
 
 - ``.txt``/``.text``: one document per line;
 - ``.jsonl``/``.json``: one JSON object per line, the document under ``text_key``;
@@ -132,7 +131,7 @@ def _line_document(raw: bytes, kind: str, text_key: str, where: str, stats: Read
         stats.skip("non-UTF-8", where)
         return None
     line = line.rstrip("\r\n")
-    if kind == "jsonl" or (kind == "auto" and line.lstrip().startswith("{")):
+    if kind == "jsonl":
         if not line.strip():
             stats.skip("empty", where)
             return None
@@ -141,7 +140,10 @@ def _line_document(raw: bytes, kind: str, text_key: str, where: str, stats: Read
         except json.JSONDecodeError:
             stats.skip("malformed JSON", where)
             return None
-        if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
+        if not isinstance(obj, dict):
+            stats.skip("not a JSON object", where)
+            return None
+        if not isinstance(obj.get(text_key), str):
             stats.skip(f"no string {text_key!r} field", where)
             return None
         line = obj[text_key]
@@ -161,6 +163,9 @@ def iter_documents(files: Sequence[str], *, text_key: str = "text", stats: ReadS
         fh = _open_binary(path)
         try:
             for lineno, raw in enumerate(fh, start=1):
+                if kind == "auto" and raw.strip():
+                    # One format for the whole stream: a bad line must be counted, not re-typed.
+                    kind = "jsonl" if raw.lstrip().startswith(b"{") else "text"
                 doc = _line_document(raw, kind or "text", text_key, f"{path}:{lineno}", stats)
                 if doc is not None:
                     stats.documents += 1
