@@ -247,21 +247,6 @@ def megatron_state_from_hf(model: SSAForCausalLM) -> dict[str, torch.Tensor]:
     return hf_to_megatron_state(model.state_dict(), model.config)
 
 
-def _cpu_checkpoint_compat() -> None:
-    """Without CUDA, route the torch of megatron's dist-checkpoint savers through ssa_megatron's CPU proxy
-    (they call torch.cuda.synchronize/current_device unconditionally); nothing changes with CUDA."""
-    import importlib
-
-    from ssa_megatron import cpu_compat
-
-    if not cpu_compat.enable_cpu_compat():
-        return
-    for name in ("filesystem_async", "state_dict_saver"):
-        module = importlib.import_module(f"megatron.core.dist_checkpointing.strategies.{name}")
-        if not isinstance(module.torch, cpu_compat._TorchAsCpu):
-            cpu_compat._patch(module, "torch", cpu_compat._TorchAsCpu())
-
-
 def _save_worker(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
     import os
 
@@ -275,9 +260,10 @@ def _save_worker(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     from ssa_megatron.parallel import destroy_parallel, initialize_parallel, load_full_state_dict
     from ssa_megatron.training.checkpoint import save_checkpoint
+    from ssa_megatron.training.cpu_training import enable_cpu_training
 
     initialize_parallel(job["tp"], job["pp"], 1, backend="gloo")
-    _cpu_checkpoint_compat()
+    enable_cpu_training()  # the checkpoint savers' CUDA-only calls, redirected on CPU (inert with CUDA)
     config = SSAConfig(**job["config"])
     model = build_megatron_model(config, tp=job["tp"], pp=job["pp"])
     load_full_state_dict(model, job["state"])
