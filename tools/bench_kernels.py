@@ -2,7 +2,7 @@
 
 For the 1B layout (32 query heads, 2 KV heads, head_dim 64, block_size 16, block_count 16,
 batch 1) and each sequence length, one run times: SDPA dense causal fwd and fwd+bwd, our dense
-path (FlexAttention) fwd+bwd, block keys, selection, selected attention fwd and fwd+bwd, the
+path (kernels.ssa.dense_attention) fwd+bwd, block keys, selection, selected attention fwd and fwd+bwd, the
 whole sparse branch fwd+bwd, and flash-linear-attention's fla.ops.nsa where it is importable
 and accepts the configuration. Each number is the median of repeated CUDA-event timings after
 warm-up. Prints a table (MISS where a target is missed) and writes JSON to benchmarks/results/.
@@ -95,7 +95,7 @@ def bench_one(args: argparse.Namespace, t: int, fla_nsa: Callable | None) -> dic
         o, _ = ssa.dense_attention(q, k, v)
         o.backward(do)
 
-    row["flex_dense_fwdbwd_ms"] = time(ours_dense)
+    row["ours_dense_fwdbwd_ms"] = time(ours_dense)
 
     with torch.no_grad():
         row["block_keys_ms"] = time(lambda: ssa.block_keys(k, bs))
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    cols = ["T", "sdpa_fwd_ms", "sdpa_fwdbwd_ms", "flex_dense_fwdbwd_ms", "block_keys_ms", "selection_ms",
+    cols = ["T", "sdpa_fwd_ms", "sdpa_fwdbwd_ms", "ours_dense_fwdbwd_ms", "block_keys_ms", "selection_ms",
             "sel_attn_fwd_ms", "sel_attn_fwdbwd_ms", "sparse_fwdbwd_ms", "sparse_over_dense_fwdbwd",
             "sel_attn_fwd_tflops", "fla_sel_attn_fwdbwd_ms", "fla_nsa_full_bs16_fwdbwd_ms",
             "fla_nsa_full_bs64_fwdbwd_ms"]  # fmt: skip

@@ -6,7 +6,7 @@ import torch
 
 from kernels.ssa._plan import make_plan
 from kernels.ssa.block_keys_kernel import block_keys_planned
-from kernels.ssa.dense_attention_flex import dense_attention
+from kernels.ssa.dense_attention_kernel import dense_attention
 from kernels.ssa.selected_attention_kernel import selected_attention_planned
 from kernels.ssa.selection_kernel import select_blocks_planned
 
