@@ -44,6 +44,7 @@ def build_shards(tmp: Path, *, n_docs: int = 300, seq_len: int = 16, seed: int =
     from ssa_megatron.data.prepare import prepare_dataset
 
     docs = random_documents(random.Random(seed), n_docs)
+    tmp.mkdir(parents=True, exist_ok=True)
     corpus = write_jsonl(tmp / "corpus.jsonl", docs)
     tok = build_tokenizer(tmp, docs)
     prepare_dataset([str(corpus)], tmp / "mds", tok, seq_len, valid_fraction=valid_fraction,
