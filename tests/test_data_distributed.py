@@ -75,7 +75,8 @@ def _body(rank: int, world: int, remote: str, tmp_dir: str) -> dict:
                                  dp_rank=rank, dp_size=4, launch=launch, with_row_ids=True)
     out["dp4"] = _ids(_take(train, K1 + K2))
     out["dp4_valid"] = _ids(list(valid))
-    out["cache_files"] = sorted(p.name for p in (tmp / f"node{rank // 2}" / "cache" / "dp4" / "train").iterdir())
+    cache = tmp / f"node{rank // 2}" / "cache" / "dp4" / "train"
+    out["cache_files"] = sorted(p.name for p in cache.iterdir())
 
     # One replica = ranks {dp, dp + 2} (two pipeline stages, TP=1): Megatron order puts pp outermost.
     dp_rank = rank % 2
@@ -84,7 +85,7 @@ def _body(rank: int, world: int, remote: str, tmp_dir: str) -> dict:
                              with_row_ids=True)
     batches = _take(train, K1 + K2)
     out["pp2"] = _ids(batches)
-    out["pp2_tokens"] = [torch.cat([b["tokens"].flatten(), b["position_ids"].flatten()]).tolist() for b in batches]
+    out["pp2_tokens"] = [torch.cat([b["tokens"], b["position_ids"], b["labels"]]).tolist() for b in batches]
 
     # Same layout, interrupted after K1 batches and resumed from the saved state in a new loader.
     cfg = _cfg(Path(remote), tmp, rank, "resume")
@@ -94,8 +95,8 @@ def _body(rank: int, world: int, remote: str, tmp_dir: str) -> dict:
     state = first.state_dict()
     first.close()
     cfg = _cfg(Path(remote), tmp, rank, "resume2")
-    second, _ = build_loaders(cfg, micro_batch_size=MB, seq_len=SEQ, dp_rank=dp_rank, dp_size=2, launch=launch,
-                              with_row_ids=True)
+    second, _ = build_loaders(cfg, micro_batch_size=MB, seq_len=SEQ, dp_rank=dp_rank, dp_size=2,
+                              launch=launch, with_row_ids=True)
     second.load_state_dict(state)
     out["resumed"] = _ids(head) + _ids(_take(second, K2))
     out["state"] = state
@@ -119,7 +120,7 @@ def test_two_nodes_dp_replicas_and_exact_resume(tmp_path: Path) -> None:
     # with the same global batch size, and no row appears twice.
     ref = _single_rank(root, tmp_path, 4 * MB, K1 + K2)
     for step in range(K1 + K2):
-        assert sorted(sum((r["dp4"][step] for r in res), [])) == sorted(ref[step])
+        assert sorted(i for r in res for i in r["dp4"][step]) == sorted(ref[step])
     seen = [i for r in res for b in r["dp4"] for i in b]
     assert len(seen) == len(set(seen))
     valid = [i for r in res for b in r["dp4_valid"] for i in b]
