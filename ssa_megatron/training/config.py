@@ -58,8 +58,11 @@ class DataSection:
     # MDS shard directory (train/ and val/ below it) and sentencepiece tokenizer model.
     path: str = ""
     tokenizer: str = ""
-    # Build the demo corpus, tokenizer and shards into `path` when they are missing.
+    # Build the demo corpus (docstrings of installed packages), tokenizer and shards into `path`
+    # when they are missing; the tokenizer is then path/tokenizer.model unless `tokenizer` is set.
     build_demo: bool = False
+    demo_vocab_size: int = 4096
+    demo_bytes: int = 3_000_000
     seq_length: int = 64
     num_workers: int = 0
 

@@ -47,11 +47,19 @@ def prepare_data(cfg: TrainConfig, env: LaunchEnv) -> Any:
     d = cfg.data
     root = Path(d.path)
     if d.build_demo:
-        if env.is_main and not (root / "train" / "index.json").exists():
+        if env.is_main:
             from ssa_megatron.data import prepare_demo_dataset
 
-            print(f"building the demo corpus, tokenizer and MDS shards in {root} ...", flush=True)
-            prepare_demo_dataset(root, seq_len=d.seq_length)
+            # A no-op when `root` already holds a demo set built with the same parameters.
+            demo = prepare_demo_dataset(
+                root,
+                seq_len=d.seq_length,
+                vocab_size=d.demo_vocab_size,
+                target_bytes=d.demo_bytes,
+                seed=cfg.train.seed,
+            )
+            if demo.built:
+                print(f"built the demo corpus, tokenizer and MDS shards in {root}", flush=True)
         if dist.is_initialized():
             dist.barrier()
     if not (root / "train" / "index.json").exists():
