@@ -53,6 +53,16 @@ def load_eval_tokenizer(path: str | Path, vocab_size: int) -> Any:
     return tok
 
 
+def _with_kernels(model: SSAForCausalLM) -> SSAForCausalLM:
+    """On CUDA, use this project's Triton kernels unless the directory shipped its own copy."""
+    layer = model.model.layers[0].self_attn if len(model.model.layers) else None
+    if layer is not None and layer.kernel_ops is None and next(model.parameters()).is_cuda:
+        import kernels.ssa
+
+        model.set_attention_ops(kernels.ssa)
+    return model
+
+
 def is_megatron_checkpoint(path: Path) -> bool:
     return (path / "latest").is_file() or (path / "complete.json").is_file()
 
@@ -63,12 +73,12 @@ def load_model(
     """Model from an HF directory or a Megatron checkpoint, and the directory to look for a tokenizer in."""
     p = Path(path)
     if is_hf_directory(p):
-        return load_hf_model(p, device=device, dtype=dtype, **config_overrides), p
+        return _with_kernels(load_hf_model(p, device=device, dtype=dtype, **config_overrides)), p
     if is_megatron_checkpoint(p):
         from ssa_megatron.hf.megatron_bridge import load_megatron_as_hf
 
         model = load_megatron_as_hf(p, **config_overrides)
-        return model.to(device=device, dtype=dtype).eval(), p
+        return _with_kernels(model.to(device=device, dtype=dtype).eval()), p
     raise FileNotFoundError(
         f"{p} is neither an HF model directory (no config.json) nor a Megatron checkpoint (no `latest` "
         "or complete.json)"
