@@ -1,17 +1,17 @@
 """Dense causal attention with a query offset and packed documents, returning the LSE.
 
-Two paths, chosen per call:
-- the plain case (one document, queries == keys, fp16/bf16 on CUDA) goes to PyTorch's
-  FlashAttention kernel (aten._scaled_dot_product_flash_attention, which returns the LSE that
-  public SDPA hides); measured on H100 it is about 1.9x faster than FlexAttention here;
-- everything else (query offsets, packed documents, fp32, CPU) goes to FlexAttention with the
-  mask "same document and key position <= the query's global position"; compiled on CUDA,
-  eager elsewhere (its eager path has no CPU backward).
+PyTorch's FlexAttention generates a fused Triton flash-attention kernel for any mask, with GQA,
+an LSE that carries gradient, and backward; the mask here is "same document and key position
+<= the query's global position". Compiled on CUDA, eager elsewhere (no CPU backward there).
+Measured on H100 (benchmarks/results/kernels_h100_*.json) it is 1.5-1.9x slower than SDPA's
+causal kernel, which cannot take an offset or documents and hides the LSE; the aten flash
+kernel that returns the LSE drops the LSE's gradient, so it is not used.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
@@ -20,7 +20,7 @@ from kernels.ssa._common import doc_bounds
 
 
 @functools.cache
-def _compiled_flex():
+def _compiled_flex() -> Callable[..., object]:
     return torch.compile(flex_attention)
 
 
@@ -42,30 +42,6 @@ def _block_mask(
     )
 
 
-def _use_flash(q: torch.Tensor, k: torch.Tensor, q_offset: int, bounds: tuple[int, ...]) -> bool:
-    return (
-        q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and q_offset == 0
-        and q.shape[1] == k.shape[1]
-        and len(bounds) == 2
-        and q.shape[-1] <= 256
-    )
-
-
-def _flash(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    g = q.shape[2] // k.shape[2]
-    # The flash kernel has no GQA: expand K/V to the query heads (autograd sums dK/dV back).
-    kx = k.repeat_interleave(g, dim=2) if g > 1 else k
-    vx = v.repeat_interleave(g, dim=2) if g > 1 else v
-    out = torch.ops.aten._scaled_dot_product_flash_attention(
-        q.transpose(1, 2), kx.transpose(1, 2), vx.transpose(1, 2), 0.0, True, False, scale=scale
-    )
-    return out[0].transpose(1, 2), out[1].transpose(1, 2).float()
-
-
 _MASKS: dict[tuple, BlockMask] = {}
 
 
@@ -79,8 +55,6 @@ def dense_attention(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     bounds = tuple(doc_bounds(cu_seqlens, q.shape[0], k.shape[1]))
-    if _use_flash(q, k, q_offset, bounds):
-        return _flash(q, k, v, scale)
     key = (bounds, q.shape[1], k.shape[1], q_offset, str(q.device))
     if key not in _MASKS:
         # Masks depend only on the geometry; training repeats a handful of geometries.

@@ -109,11 +109,9 @@ def _select_kernel(
         score = tl.sum(tl.reshape(p, [BT, GP, BN]), 1)
         key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0x7FFFFFFF - n).to(tl.int64)[None, :]
         key = tl.where((n[None, :] < own_t[:, None]) & t_ok[:, None], key, -1)
-        # Sorting dominates this loop; most tiles beat no row's current KP-th key, so skip them.
-        if tl.max(tl.max(key, 1) - tl.min(run, 1)) > 0:
-            key = tl.sort(key, dim=1)
-            top = tl.max(tl.reshape(key, [BT, BN // KP, KP]), 1)
-            run = tl.sort(tl.maximum(run, top), dim=1, descending=True)
+        key = tl.sort(key, dim=1)
+        top = tl.max(tl.reshape(key, [BT, BN // KP, KP]), 1)
+        run = tl.sort(tl.maximum(run, top), dim=1, descending=True)
 
     # The first BC - 1 valid keys, ascending by block index, then the own block, then -1.
     slot = tl.arange(0, KP)
