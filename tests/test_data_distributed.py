@@ -4,7 +4,8 @@ One 4-process job runs every scenario (process start-up dominates on 2 cores):
 - data parallel over all 4 ranks: disjoint samples, each rank's batches as in 1-rank runs;
 - a model replica spread over non-adjacent ranks (pipeline stages in Megatron's rank order):
   identical batches inside the replica, disjoint across replicas;
-- exact resume mid-epoch: run + resume == uninterrupted.
+- exact resume mid-epoch: run + resume == uninterrupted; and elastic resume of that state
+  on a single rank continues with the same global batches.
 
 Two "nodes" on one machine share /dev/shm, while streaming assumes one shared-memory
 namespace per node; giving each simulated node its own temp dir (streaming's lock files)
@@ -103,12 +104,19 @@ def _body(rank: int, world: int, remote: str, tmp_dir: str) -> dict:
     return out
 
 
-def _single_rank(root: Path, tmp: Path, mb: int, n: int) -> list[list[int]]:
+def _single_rank(root: Path, mb: int, n: int, state: dict | None = None) -> list[list[int]]:
+    import gc
+
     from ssa_megatron.data.loader import build_loaders
 
     cfg = {"train": [str(root / "train")], "seed": 17, "num_canonical_nodes": 2}
     train, _ = build_loaders(cfg, micro_batch_size=mb, seq_len=SEQ, dp_rank=0, dp_size=1, with_row_ids=True)
-    return _ids(_take(train, n))
+    if state is not None:
+        train.load_state_dict(state)
+    ids = _ids(_take(train, n))
+    train.close()
+    gc.collect()
+    return ids
 
 
 @pytest.mark.slow
@@ -118,7 +126,7 @@ def test_two_nodes_dp_replicas_and_exact_resume(tmp_path: Path) -> None:
 
     # Data parallel: the 4 ranks' micro-batches of a step form the global batch of a 1-rank run
     # with the same global batch size, and no row appears twice.
-    ref = _single_rank(root, tmp_path, 4 * MB, K1 + K2)
+    ref = _single_rank(root, 4 * MB, K1 + K2)
     for step in range(K1 + K2):
         assert sorted(i for r in res for i in r["dp4"][step]) == sorted(ref[step])
     seen = [i for r in res for b in r["dp4"] for i in b]
@@ -137,7 +145,7 @@ def test_two_nodes_dp_replicas_and_exact_resume(tmp_path: Path) -> None:
         for x, y in zip(res[a]["pp2_tokens"], res[b]["pp2_tokens"]):
             assert x == y
     assert not {i for b in res[0]["pp2"] for i in b} & {i for b in res[1]["pp2"] for i in b}
-    ref2 = _single_rank(root, tmp_path, 2 * MB, K1 + K2)
+    ref2 = _single_rank(root, 2 * MB, K1 + K2)
     for step in range(K1 + K2):
         assert sorted(res[0]["pp2"][step] + res[1]["pp2"][step]) == sorted(ref2[step])
 
@@ -146,3 +154,9 @@ def test_two_nodes_dp_replicas_and_exact_resume(tmp_path: Path) -> None:
         assert r["resumed"] == r["pp2"]
         assert r["state"] == res[0]["state"]
     assert res[0]["state"]["streaming"]["sample_in_epoch"] == K1 * MB * 2
+
+    # Elastic: the state saved by 2 data-parallel replicas resumes on 1 rank (same global batch)
+    # with exactly the global batches the 2 replicas would have consumed next.
+    elastic = _single_rank(root, 2 * MB, K2, state=res[0]["state"])
+    for step in range(K2):
+        assert sorted(elastic[step]) == sorted(res[0]["pp2"][K1 + step] + res[1]["pp2"][K1 + step])
