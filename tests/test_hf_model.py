@@ -81,6 +81,7 @@ def test_cached_decoding_equals_no_cache_forward(model: SSAForCausalLM, mode: st
     torch.testing.assert_close(torch.cat(pieces, dim=1), reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sparse", "full"])
 def test_generate_with_cache_equals_without(model: SSAForCausalLM, mode: str) -> None:
     prompt = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))

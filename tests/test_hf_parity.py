@@ -11,7 +11,11 @@ from tests.distributed import run_distributed
 SEQ = 48
 
 
-def _megatron_logits(rank: int, world: int, tied: bool, ids: torch.Tensor) -> dict:
+def _megatron_logits(rank: int, world: int, ids: torch.Tensor) -> dict:
+    return {tied: _one_model(tied, ids) for tied in (True, False)}
+
+
+def _one_model(tied: bool, ids: torch.Tensor) -> dict:
     from ssa_megatron.hf.megatron_bridge import build_megatron_model
     from ssa_megatron.parallel import (
         destroy_parallel,
@@ -40,11 +44,16 @@ def _megatron_logits(rank: int, world: int, tied: bool, ids: torch.Tensor) -> di
     return out
 
 
+@pytest.fixture(scope="module")
+def megatron_runs() -> dict:
+    ids = torch.randint(0, 97, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    return {"ids": ids, **run_distributed(_megatron_logits, 1, (ids,))[0]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False])
-def test_megatron_and_hf_logits_agree(tied: bool) -> None:
-    ids = torch.randint(0, 97, (2, SEQ), generator=torch.Generator().manual_seed(0))
-    ref = run_distributed(_megatron_logits, 1, (tied, ids))[0]
+def test_megatron_and_hf_logits_agree(megatron_runs: dict, tied: bool) -> None:
+    ids, ref = megatron_runs["ids"], megatron_runs[tied]
     config = tiny_config(tie_word_embeddings=tied, max_position_embeddings=SEQ)
     state = megatron_to_hf_state(ref["weights"], config)
     model = SSAForCausalLM(config).eval()
