@@ -118,4 +118,28 @@ def save_hf_directory(
         ship_kernels(out)
     if tokenizer_path is not None:
         copy_tokenizer(tokenizer_path, out)
+    (out / "README.md").write_text(_model_card(config, include_kernels), encoding="utf-8")
     return out
+
+
+def _model_card(config: SSAConfig, include_kernels: bool) -> str:
+    kernels = (
+        "On CUDA the Triton kernels in `ssa_kernels/` are used when triton imports; otherwise a PyTorch path."
+        if include_kernels
+        else "Attention runs on the PyTorch path (no kernels were shipped)."
+    )
+    return f"""# SSA model (Sparse Sparse Attention)
+
+{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} query / \
+{config.num_key_value_heads} KV heads, vocabulary {config.vocab_size}; sparse attention with blocks of \
+{config.block_size} tokens and {config.block_count} blocks per query by default; trained at \
+{config.train_seq_length} tokens.
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)          # sparse mode
+logits = model(ids, attention_mode="full").logits                                   # full attention
+model.generate(ids, max_new_tokens=32, block_count=64)                              # larger budget
+```
+{kernels}
+"""
