@@ -70,6 +70,11 @@ def _body(rank: int, world: int, remote: str, tmp_dir: str) -> dict:
     launch = detect_launch()
     assert (launch.launcher, launch.local_world_size, launch.local_rank) == ("deepspeed", 2, rank % 2)
     out: dict = {}
+    try:
+        build_loaders(_cfg(Path(remote), tmp, rank, "x"), micro_batch_size=MB, seq_len=SEQ, dp_rank=rank,
+                      dp_size=4)
+    except ValueError as err:
+        out["no_launch_error"] = str(err)
 
     # Data parallel over all ranks.
     train, valid = build_loaders(_cfg(Path(remote), tmp, rank, "dp4"), micro_batch_size=MB, seq_len=SEQ,
@@ -148,6 +153,8 @@ def test_two_nodes_dp_replicas_and_exact_resume(tmp_path: Path) -> None:
     ref2 = _single_rank(root, 2 * MB, K1 + K2)
     for step in range(K1 + K2):
         assert sorted(res[0]["pp2"][step] + res[1]["pp2"][step]) == sorted(ref2[step])
+
+    assert all("launch=" in r["no_launch_error"] for r in res)
 
     # Exact resume: run + resume == uninterrupted, on every rank; the state is the same everywhere.
     for r in res:

@@ -16,7 +16,8 @@ import pytest
 
 from ssa_megatron.data.batch import row_fields
 from ssa_megatron.data.config import DataConfig, StreamSpec
-from ssa_megatron.data.loader import build_loaders
+from ssa_megatron.data.loader import build_loaders, data_parallel_world
+from ssa_megatron.data.streaming_env import set_streaming_env
 from tests.test_data_common import build_shards, read_rows
 
 SEQ = 16
@@ -79,10 +80,11 @@ def test_batches_follow_the_contract_and_an_epoch_covers_every_row(shards: Path)
     _close(plain)
 
 
-@pytest.mark.parametrize("stop", [5, "epoch+2"])
-def test_resume_consumes_exactly_the_uninterrupted_samples(shards: Path, stop) -> None:
-    cfg = {"train": [str(shards / "train")], "seed": 23}
-    ref_loader, _ = _loaders(cfg, 4)
+@pytest.mark.parametrize(("stop", "workers"), [(5, 2), ("epoch+2", 0)])
+def test_resume_consumes_exactly_the_uninterrupted_samples(shards: Path, stop, workers: int) -> None:
+    ref_loader, _ = _loaders({"train": [str(shards / "train")], "seed": 23}, 4)
+    # DataLoader worker processes change neither the order nor the resume point.
+    cfg = {"train": [str(shards / "train")], "seed": 23, "num_workers": workers}
     k1 = len(ref_loader) + 2 if stop == "epoch+2" else stop  # also across an epoch boundary
     total = k1 + 6
     reference = _ids(_take(ref_loader, total))
@@ -185,3 +187,17 @@ def test_mixture_weights_and_config_sources(shards: Path) -> None:
             next(iter(loader))
         finally:
             _close(loader)
+
+
+def test_launch_numbers_are_checked_before_streaming_sees_them() -> None:
+    from streaming.base.world import World
+
+    with pytest.raises(ValueError, match="not a multiple"):
+        set_streaming_env(rank=0, world_size=6, local_rank=0, local_world_size=4)
+    with pytest.raises(ValueError, match="numbered node by node"):
+        set_streaming_env(rank=5, world_size=8, local_rank=0, local_world_size=4)
+    physical = World(num_nodes=2, ranks_per_node=4, workers_per_rank=1, worker=5)
+    dp = data_parallel_world(physical, dp_rank=3, dp_size=4)  # e.g. TP=2: two replicas per node
+    assert (dp.num_nodes, dp.ranks_per_node, dp.node, dp.rank_of_node) == (2, 2, 1, 1)
+    with pytest.raises(ValueError, match="does not divide"):
+        data_parallel_world(physical, dp_rank=0, dp_size=3)

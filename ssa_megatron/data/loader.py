@@ -6,9 +6,9 @@ Every rank reads its own batch; nothing is broadcast. All ranks of one model rep
 tensor-, context- and pipeline-parallel ranks) read with the replica's data-parallel rank,
 so they see identical batches; different data-parallel ranks see disjoint samples. A
 context-parallel rank slices its chunk from the full batch (see ``context_parallel.py``);
-middle pipeline stages may simply not use theirs. Reading on every rank costs a few
-microseconds per row from the node-local cache, and avoids a broadcast and a code path
-that only some ranks run.
+middle pipeline stages may simply not use theirs. Reading a row from the node-local
+cache is cheap next to a training step, and it avoids a broadcast and a code path that
+only some ranks run. (Shards are downloaded once per node, not per rank.)
 
 streaming's own ``replication`` only groups *adjacent* ranks, and pipeline stages are not
 adjacent in Megatron's rank order. So each rank builds the dataset with its real
@@ -21,9 +21,11 @@ same number of batches) — this is why TP ranks > 0 read too.
 
 Launchers
 ---------
-Call :func:`ssa_megatron.data.streaming_env.set_streaming_env` (or pass ``launch=`` to
-:func:`build_loaders`) so that runs under torchrun and under the DeepSpeed launcher (which
-sets ``LOCAL_SIZE``, not ``LOCAL_WORLD_SIZE``) look the same to streaming.
+Pass ``launch=`` (``ssa_megatron.training.launch.detect_launch()``) to :func:`build_loaders`;
+it is required in multi-process runs. :func:`ssa_megatron.data.streaming_env.set_streaming_env`
+then exports the four numbers under the names streaming reads, so runs under torchrun and
+under the DeepSpeed launcher (which sets ``LOCAL_SIZE``, not ``LOCAL_WORLD_SIZE``) look the
+same to streaming.
 
 Resumption
 ----------
@@ -34,12 +36,14 @@ run + resume equals the uninterrupted one). The state records streaming's epoch,
 global sample offset in it, ``num_canonical_nodes`` and the shuffle seed.
 
 Elastic resumption on a different number of nodes / data-parallel ranks: the global
-order of an epoch is fixed by ``num_canonical_nodes`` (taken from the state), so the
-resumed run skips exactly the samples already consumed and covers every remaining sample
-of the epoch once — no sample is repeated or lost. Which rank gets which remaining sample
-changes with the layout, and streaming requires the new number of (data-parallel) nodes
-to divide ``num_canonical_nodes`` or be a multiple of it. Keep the global batch size
-(``micro_batch_size x dp_size``) unchanged so that the step count stays meaningful.
+order of an epoch is fixed by ``num_canonical_nodes`` (taken from the state; set it in
+the data config to pin it from the first run), and the state counts *global* samples, so
+the resumed run skips exactly the samples already consumed. With the same global batch
+size (``micro_batch_size x dp_size``) each later step gets the same set of samples as the
+uninterrupted run, only split differently over the ranks (tested: 2 replicas -> 1 rank).
+streaming needs the new number of data-parallel "nodes" to divide ``num_canonical_nodes``
+or be a multiple of it. The loader does not rescale anything else: a changed global batch
+size changes which samples share a step.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from streaming import Stream, StreamingDataset
 from streaming.base.world import World
 from torch.utils.data import DataLoader
@@ -223,14 +228,20 @@ def build_loaders(
 
     Call on every rank of the job, collectively (streaming synchronises the ranks while it
     sets up). ``launch`` carries rank/world/local numbers (e.g. ``training.launch.detect_launch()``);
-    it may be omitted only in a single-process run or when the environment already has
-    streaming's variables.
+    it may be omitted only in a single-process run.
     """
     cfg = DataConfig.from_any(data_cfg)
     if micro_batch_size < 1 or seq_len < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size} and seq_len={seq_len} must be positive")
     if launch is not None:
         apply_launch(launch)
+    elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Without the launch numbers streaming would guess the node layout from whatever the
+        # launcher exported (wrong under DeepSpeed) and collide in shared memory.
+        raise ValueError(
+            "build_loaders needs launch=... in a multi-process run (e.g. "
+            "launch=ssa_megatron.training.launch.detect_launch()) so streaming sees the node layout"
+        )
     train = PackedRowLoader(
         build_dataset(cfg, cfg.train, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                       shuffle=cfg.shuffle),
