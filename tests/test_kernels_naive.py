@@ -318,3 +318,10 @@ def test_auto_backend_on_cpu_is_the_reference() -> None:
         ssa.sparse_attention(q, k, v, 4, 2), naive.sparse_attention(q, k, v, 4, 2, scale=8**-0.5)
     ):
         assert torch.equal(a, b)
+
+
+def test_triton_on_cpu_without_the_interpreter_points_to_naive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = _qkv(1, 16, 1, 2, 16)
+    with pytest.raises(ValueError, match="backend='naive'"):
+        ssa.sparse_attention(q, k, v, 4, 2, backend="triton")

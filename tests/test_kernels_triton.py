@@ -231,3 +231,10 @@ def test_gpu_backward_is_bitwise_deterministic() -> None:
     for run in grads[1:]:
         for a, b in zip(run, grads[0]):
             assert torch.equal(a, b)
+
+
+def test_triton_backend_refuses_mixed_dtypes() -> None:
+    q, k, v = make(1, 32, 1, 2, 64, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="one dtype for all inputs"):
+        idx = torch.zeros(1, 32, 1, 1, dtype=torch.int32, device=DEV)
+        ssa.selected_attention(q, k.bfloat16(), v, idx, 16, backend="triton")

@@ -7,6 +7,7 @@ tensors and the plain-PyTorch reference (``kernels.ssa.naive``) on CPU tensors.
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 import torch
@@ -29,7 +30,18 @@ def _triton(backend: str, *tensors: torch.Tensor) -> bool:
     check_backend(backend)
     if backend == "auto":
         return all(t.is_cuda for t in tensors)
-    return backend == "triton"
+    if backend == "triton":
+        if not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
+                "for tests); use backend='naive' or 'auto' on CPU"
+            )
+        if len({t.dtype for t in tensors}) > 1:
+            raise ValueError(
+                f"backend='triton' needs one dtype for all inputs; got {[t.dtype for t in tensors]}"
+            )
+        return True
+    return False
 
 
 def _triton_ops() -> ModuleType:
