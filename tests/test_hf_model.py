@@ -133,6 +133,8 @@ def test_bad_settings_are_refused_with_the_value(model: SSAForCausalLM) -> None:
     ids = torch.randint(0, 97, (1, 8))
     with pytest.raises(ValueError, match="'dense'"):
         model(ids, attention_mode="dense")
+    with pytest.raises(ValueError, match="block_count must be >= 1, got 0"):
+        model(ids, block_count=0)
     with pytest.raises(ValueError, match="padding"):
         model(ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1]]))
     with pytest.raises(ValueError, match="num_key_value_heads"):

@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", help="HF directory (config.json) or Megatron checkpoint dir (with `latest`)"
     )
     p.add_argument(
-        "--data", help="validation tokens: .npy of token ids, or a UTF-8 text file (needs a tokenizer)"
+        "--data",
+        help="validation data: a packed MDS split (or a data root with val/), a .npy of token ids, or a "
+        "UTF-8 text file (needs a tokenizer)",
     )
     p.add_argument(
         "--tokenizer", help="tokenizer.json or sentencepiece .model (default: the one in --checkpoint)"

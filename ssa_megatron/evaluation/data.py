@@ -13,9 +13,46 @@ class Encoder(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
 
+def mds_split_dir(path: Path) -> Path | None:
+    """The MDS split directory ``path`` names: itself (has index.json) or its ``val/`` split, else None."""
+    for candidate in (path, path / "val"):
+        if (candidate / "index.json").is_file():
+            return candidate
+    return None
+
+
+def load_mds_stream(split_dir: str | Path) -> torch.Tensor:
+    """The token stream of a packed MDS split (``ssa_megatron.data`` rows, in row order, padding dropped).
+
+    Rows are consecutive cuts of the concatenated documents, so joining their real tokens restores it.
+    """
+    from streaming import LocalDataset
+
+    from ssa_megatron.data.packing import COL_NUM_TOKENS, COL_TOKENS
+
+    dataset = LocalDataset(local=str(split_dir))
+    parts = []
+    for i in range(len(dataset)):
+        row = dataset[i]
+        if COL_TOKENS not in row:
+            raise ValueError(
+                f"{split_dir}: MDS rows have columns {sorted(row)}, not the packed '{COL_TOKENS}' rows"
+            )
+        parts.append(np.asarray(row[COL_TOKENS][: int(row[COL_NUM_TOKENS])], dtype=np.int64))
+    if not parts:
+        raise ValueError(f"{split_dir}: the MDS split holds no rows")
+    return torch.from_numpy(np.concatenate(parts))
+
+
 def load_token_stream(path: str | Path, tokenizer: Encoder | None = None) -> torch.Tensor:
-    """1-D int64 tokens from ``.npy`` (token ids) or a UTF-8 text file (tokenized with ``tokenizer``)."""
+    """1-D int64 tokens from a packed MDS split directory (or a data root with ``val/``), a ``.npy`` of token
+    ids, or a UTF-8 text file (tokenized with ``tokenizer``)."""
     p = Path(path)
+    if p.is_dir():
+        split = mds_split_dir(p)
+        if split is None:
+            raise FileNotFoundError(f"{p} is a directory without an MDS index.json (nor val/index.json)")
+        return load_mds_stream(split)
     if not p.is_file():
         raise FileNotFoundError(f"validation data {p} does not exist")
     if p.suffix == ".npy":

@@ -28,7 +28,7 @@ def evaluate_windows(
     mean sparsity/entropy/KL, see ``SSAForCausalLM.collect_attention_stats``) when ``attention_stats``.
     """
     device = next(model.parameters()).device
-    block_count = int(block_count or model.config.block_count)
+    block_count = int(model.config.block_count if block_count is None else block_count)
     nll_sum, tokens = 0.0, 0
     stats = AttentionStatsAccumulator()
     batches = range(0, windows.shape[0], batch_size)

@@ -348,7 +348,7 @@ class SSAForCausalLM(SSAPreTrainedModel, GenerationMixin):
         mode = attention_mode or self.config.attention_mode
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {mode!r}")
-        block_count = int(block_count or self.config.block_count)
+        block_count = int(self.config.block_count if block_count is None else block_count)
         if block_count < 1:
             raise ValueError(f"block_count must be >= 1, got {block_count}")
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
