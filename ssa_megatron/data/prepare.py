@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -111,6 +112,20 @@ def _mp_context() -> mp.context.BaseContext:
     return mp.get_context("fork" if "fork" in methods else "spawn")
 
 
+def _bounded_imap(pool: Any, fn: Any, items: Iterator[list[str]], max_pending: int) -> Iterator[Any]:
+    """Ordered map over a pool with at most ``max_pending`` chunks in flight.
+
+    ``Pool.imap`` would drain the whole input into its task queue (the full corpus in RAM).
+    """
+    pending: deque[Any] = deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= max_pending:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
     while chunk := list(islice(docs, size)):
         yield chunk
@@ -188,30 +203,33 @@ def prepare_dataset(
                 )
             shutil.rmtree(target)
     tok = load_tokenizer(tokenizer_path)
-    make = lambda split: _SplitWriter(
-        out / split, seq_len, tok.vocab_size, tok.pad_id,
-        compression=compression, hashes=hashes, size_limit=shard_size_limit,
-    )
-    writers = {TRAIN_SPLIT: make(TRAIN_SPLIT)}
-    if valid_files or valid_fraction:
-        writers[VALID_SPLIT] = make(VALID_SPLIT)
-    stats = ReadStats()
-    start = time.perf_counter()
-    sources = [(files, None)] + ([(valid_files, VALID_SPLIT)] if valid_files else [])
-
-    from tqdm import tqdm
-
-    bar = tqdm(desc="documents", unit="doc", disable=not progress, mininterval=1.0)
+    # Forked before the shard writers exist, so the children never inherit their threads or files.
     pool = None
     if workers > 1:
         pool = _mp_context().Pool(workers, _init_worker, (str(tokenizer_path), add_bos))
+    from tqdm import tqdm
+
+    stats = ReadStats()
+    sources = [(files, None)] + ([(valid_files, VALID_SPLIT)] if valid_files else [])
+    bar = tqdm(desc="documents", unit="doc", disable=not progress, mininterval=1.0)
     try:
+        make = lambda split: _SplitWriter(
+            out / split, seq_len, tok.vocab_size, tok.pad_id,
+            compression=compression, hashes=hashes, size_limit=shard_size_limit,
+        )
+        writers = {TRAIN_SPLIT: make(TRAIN_SPLIT)}
+        if valid_files or valid_fraction:
+            writers[VALID_SPLIT] = make(VALID_SPLIT)
+        start = time.perf_counter()
         if pool is None:
             _init_worker(str(tokenizer_path), add_bos)
         index = 0
         for source_files, fixed_split in sources:
             chunks = _chunks(iter_documents(source_files, text_key=text_key, stats=stats), _CHUNK_DOCS)
-            encoded = pool.imap(_encode_chunk, chunks, chunksize=1) if pool else map(_encode_chunk, chunks)
+            if pool is None:
+                encoded: Iterator[list[np.ndarray]] = map(_encode_chunk, chunks)
+            else:
+                encoded = _bounded_imap(pool, _encode_chunk, chunks, 4 * workers)
             for chunk in encoded:
                 for ids in chunk:
                     split = fixed_split or (
@@ -220,6 +238,10 @@ def prepare_dataset(
                     writers[split].add(ids)
                     index += 1
                 bar.update(len(chunk))
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        raise
     finally:
         bar.close()
         if pool is not None:
