@@ -22,8 +22,8 @@ SEQ, BATCH, VOCAB, MICROBATCHES, SEED = 64, 2, 96, 2, 5
 CASES = (("ssa", False), ("full", False), ("sparse", False), ("ssa", True))
 
 
-def tiny_config(attention_mode: str, document_causal: bool, tp: int = 1, pp: int = 1, cp: int = 1,
-                **overrides: object) -> SSATransformerConfig:
+def tiny_config(attention_mode: str = "ssa", document_causal: bool = False, tp: int = 1, pp: int = 1,
+                cp: int = 1, **overrides: object) -> SSATransformerConfig:
     fields = dict(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, normalization="RMSNorm",
