@@ -119,3 +119,26 @@ def test_prepare_data_cli_with_separate_validation_input_and_stdin(tmp_path: Pat
     assert summary["splits"]["train"]["rows"] == len(read_rows(tmp_path / "out" / "train"))
     bad = subprocess.run([*cmd[:2], "--input", "x.jsonl"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "--output is required" in bad.stderr
+
+
+def test_large_hf_vocabulary_is_stored_as_int32(tmp_path: Path) -> None:
+    """A Llama-3-sized vocabulary (> 65536 ids) through a tokenizer.json, end to end."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(70_000)]
+    vocab = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<unk>": 2}
+    vocab.update({w: i + 3 for i, w in enumerate(words)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    rng = random.Random(46)
+    docs = [" ".join(rng.choice(words[60_000:]) for _ in range(rng.randint(1, 40))) for _ in range(60)]
+    write_jsonl(tmp_path / "big.jsonl", docs)
+    prepare_dataset([str(tmp_path / "big.jsonl")], tmp_path / "out", tmp_path / "tokenizer.json", 32,
+                    progress=False)
+    rows = read_rows(tmp_path / "out" / "train")
+    assert np.asarray(rows[0]["tokens"]).dtype == np.int32
+    loaded = load_tokenizer(tmp_path / "tokenizer.json")
+    assert loaded.vocab_size == 70_003 and loaded.eos_id == 1
+    assert _documents_from_rows(rows) == _expected(loaded, docs)
+    assert max(max(d) for d in _documents_from_rows(rows)) > 65_536
