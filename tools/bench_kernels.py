@@ -11,9 +11,7 @@ warm-up. Prints a table (MISS where a target is missed) and writes JSON to bench
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -47,28 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def cuda_time_ms(fn: Callable[[], object], reps: int, warmup: int) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def bench_one(args: argparse.Namespace, t: int, fla_nsa: Callable | None) -> dict:
     import torch
     import torch.nn.functional as F
 
     from kernels import ssa
+    from ssa_megatron.benchmarking import cuda_time_ms
 
     hq, h, d, bs, bc = args.q_heads, args.kv_heads, args.head_dim, args.block_size, args.block_count
     dev, dt = "cuda", torch.bfloat16
@@ -154,7 +136,6 @@ def verdicts(row: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
-    import triton
 
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (run it on the device machine)", file=sys.stderr)
@@ -191,12 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     misses = [f"T={r['T']}: {v}" for r in rows for v in verdicts(r) if v.endswith("MISS")]
     print("\n" + ("MISSED TARGETS:\n  " + "\n  ".join(misses) if misses else "all targets met"))
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    from ssa_megatron.benchmarking import environment, write_result
+
     result = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": now.isoformat(timespec="seconds"),
+        **environment(),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "dtype": "bfloat16",
         "dense_baseline": "torch SDPA is_causal, K/V expanded to the query heads outside the timed region",
@@ -208,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "misses": misses,
     }
-    out = args.out or ROOT / "benchmarks" / "results" / f"kernels_{now:%Y%m%d_%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(result, "kernels", args.out)
     print(f"wrote {out}")
     return 0
 

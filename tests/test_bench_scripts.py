@@ -1,0 +1,49 @@
+"""The benchmark scripts run end to end (CPU smoke run of a tiny model) and write well-formed results.
+
+Their numbers only mean something on a GPU; here the point is that a device call never finds a
+broken script."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config", str(ROOT / "examples" / "tiny_cpu.yaml"), "--model.num_layers", "2", "--reps", "1",
+        "--warmup", "0"]  # fmt: skip
+
+
+def _run(script: str, out: Path, *extra: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / script), *TINY, *extra, "--out", str(out)],
+        cwd=out.parent, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_train_times_every_mode_and_checks_targets(tmp_path: Path) -> None:
+    result = _run("bench_train.py", tmp_path / "train.json", "--modes", "full", "ssa",
+                  "--data.seq_length", "64", "--train.micro_batch_size", "2")  # fmt: skip
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "ssa"}
+    for row in rows.values():
+        assert row["seq_length"] == 64 and row["num_layers"] == 2
+        assert row["fwd_bwd_ms"] > 0 and row["step_ms"] > 0
+        # Both branches run in ssa mode, so its honest FLOP count exceeds the main path's.
+    ssa_row = rows["ssa"]
+    assert ssa_row["step_tflops_all_branches"] > ssa_row["step_tflops_main_path"]
+    assert rows["full"]["step_tflops_all_branches"] == pytest.approx(rows["full"]["step_tflops_main_path"])
+    assert result["gpu"] == "cpu" and any("ssa / full step throughput" in c for c in result["checks"])
+
+
+@pytest.mark.slow
+def test_bench_inference_times_both_modes(tmp_path: Path) -> None:
+    result = _run("bench_inference.py", tmp_path / "prefill.json", "--seq-lens", "64", "96")
+    assert [r["T"] for r in result["rows"]] == [64, 96]
+    for row in result["rows"]:
+        assert row["full_ms"] > 0 and row["sparse_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["full_ms"] / row["sparse_ms"])
