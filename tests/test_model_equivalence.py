@@ -70,13 +70,15 @@ def run_step(config: SSATransformerConfig, batches: list[dict[str, torch.Tensor]
 
     from ssa_megatron.alignment import alignment_loss_scale, set_alignment_loss_scale, tracker
     from ssa_megatron.context_parallel import gather_sequence, split_for_rank
+    from ssa_megatron.cpu_compat import compute_device
     from ssa_megatron.model import build_model
     from ssa_megatron.parallel import gather_full_tensors, load_full_state_dict
 
     cp = parallel_state.get_context_parallel_world_size()
     cp_rank = parallel_state.get_context_parallel_rank()
     cp_group = parallel_state.get_context_parallel_group()
-    model = build_model(config, VOCAB, SEQ)
+    device = compute_device()
+    model = build_model(config, VOCAB, SEQ).to(device)
     if full_weights is not None:
         load_full_state_dict(model, full_weights)
     weights = gather_full_tensors(model)
@@ -93,7 +95,7 @@ def run_step(config: SSATransformerConfig, batches: list[dict[str, torch.Tensor]
         out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
 
         def loss_func(output: torch.Tensor):
-            per_token.append(gather_sequence(output.detach(), 1, cp_group))
+            per_token.append(gather_sequence(output.detach(), 1, cp_group).cpu())
             return (output * batch["loss_mask"]).sum() / count, {"ce": output.detach()}
 
         return out, loss_func
@@ -133,8 +135,7 @@ def step_ce(result: dict) -> torch.Tensor:
     return sum((t * m).sum() / m.sum() for t, m in zip(result["per_token"], masks)) / len(masks)
 
 
-def compare(got: dict, want: dict, what: str) -> None:
-    tol = {"rtol": 2e-4, "atol": 2e-5}
+def compare(got: dict, want: dict, what: str, tol: dict) -> None:
     assert got["modes"] == want["modes"], what
     for a, b in zip(got["per_token"], want["per_token"]):
         torch.testing.assert_close(a, b, **tol, msg=f"{what}: per-token CE")
@@ -147,18 +148,23 @@ def compare(got: dict, want: dict, what: str) -> None:
         torch.testing.assert_close(got["grads"][name], g, **tol, msg=f"{what}: grad {name}")
 
 
-def _equivalence_body(rank: int, world_size: int, tp: int, pp: int, cp: int) -> None:
+CPU_TOL = {"rtol": 2e-4, "atol": 2e-5}
+
+
+def _equivalence_body(rank: int, world_size: int, tp: int, pp: int, cp: int, kernel_backend: str = "naive",
+                      tol: dict = CPU_TOL) -> None:
     from ssa_megatron.parallel import destroy_parallel, initialize_parallel
 
     batches = make_batches()
     for attention_mode, document_causal in CASES:
         what = f"TP={tp} PP={pp} CP={cp} mode={attention_mode} document_causal={document_causal}"
-        iteration = iteration_with_both_modes(tiny_config(attention_mode, document_causal))
+        single = tiny_config(attention_mode, document_causal, kernel_backend=kernel_backend)
+        iteration = iteration_with_both_modes(single)
         initialize_parallel(seed=SEED)
-        want = run_step(tiny_config(attention_mode, document_causal), batches, None, iteration)
+        want = run_step(single, batches, None, iteration)
         destroy_parallel()
         initialize_parallel(tensor_parallel=tp, pipeline_parallel=pp, context_parallel=cp, seed=SEED + 1)
-        config = tiny_config(attention_mode, document_causal, tp, pp, cp)
+        config = tiny_config(attention_mode, document_causal, tp, pp, cp, kernel_backend=kernel_backend)
         got = run_step(config, batches, want["weights"], iteration)
         destroy_parallel()
         if attention_mode == "ssa":
@@ -166,7 +172,7 @@ def _equivalence_body(rank: int, world_size: int, tp: int, pp: int, cp: int) -> 
             assert torch.isfinite(want["align"]).all() and (want["align"] > 0).all(), what
         else:
             assert torch.isnan(want["align"]).all(), what
-        compare(got, want, what)
+        compare(got, want, what, tol)
 
 
 @pytest.mark.slow
