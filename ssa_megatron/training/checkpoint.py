@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.optimizer import MegatronOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST = "latest"
@@ -127,7 +128,7 @@ def save_checkpoint(
     dist.barrier()
 
     dist_checkpointing.save(model_sharded_state_dict(model), str(tmp / "model"))
-    if optimizer is not None and hasattr(optimizer, "sharded_state_dict"):
+    if isinstance(optimizer, MegatronOptimizer):
         # A fresh model state dict: dist_checkpointing.save consumes the one it is given.
         optim_sd = optimizer.sharded_state_dict(model_sharded_state_dict(model))
         dist_checkpointing.save(optim_sd, str(tmp / "optim"))
@@ -246,7 +247,7 @@ def load_checkpoint(path: Path, model: list[torch.nn.Module], optimizer: Any, sc
             "checkpoint.load_weights_only=true (weights load on any layout; optimizer and data order restart)"
         )
     load_model_weights(path, model)
-    if optimizer is not None and hasattr(optimizer, "sharded_state_dict"):
+    if isinstance(optimizer, MegatronOptimizer):
         model_sd = model_sharded_state_dict(model)
         optim_sd = _dist_load(
             optimizer.sharded_state_dict(model_sd, is_loading=True), path / "optim", "optimizer state"

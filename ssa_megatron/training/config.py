@@ -82,6 +82,9 @@ class TrainSection:
     micro_batch_size: int = 2
     global_batch_size: int = 4
     train_iters: int = 30
+    # End this job after that iteration (checkpoint saved); the LR schedule still spans train_iters.
+    # For time-sliced allocations: the next job resumes from the checkpoint.
+    stop_after: int | None = None
     seed: int = 1234
     precision: str = "bf16"
     grad_clip: float = 1.0
@@ -391,6 +394,11 @@ def validate_static(cfg: TrainConfig) -> None:
     _check(t.micro_batch_size > 0, f"train.micro_batch_size={t.micro_batch_size} must be positive")
     _check(t.global_batch_size > 0, f"train.global_batch_size={t.global_batch_size} must be positive")
     _check(t.train_iters > 0, f"train.train_iters={t.train_iters} must be positive")
+    if t.stop_after is not None:
+        _check(
+            0 < t.stop_after <= t.train_iters,
+            f"train.stop_after={t.stop_after} must lie in [1, train.train_iters={t.train_iters}]",
+        )
     _check(
         t.precision in ("bf16", "fp16", "fp32"), f"train.precision={t.precision!r}; choose bf16, fp16 or fp32"
     )

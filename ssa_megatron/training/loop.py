@@ -327,6 +327,10 @@ def train(
         if iteration % cfg.logging.interval == 0 or iteration == t.train_iters:
             logger.log_step(iteration, metrics)
         stopping = stop.agreed()
+        if t.stop_after is not None and iteration == t.stop_after and iteration < t.train_iters:
+            on_interval(iteration, True)
+            logger.print(f"stopped after iteration {iteration} (train.stop_after)")
+            break
         on_interval(iteration, stopping)
         if stopping:
             logger.print(

@@ -305,7 +305,8 @@ def run(cfg: TrainConfig, env: LaunchEnv | None = None, stream: TextIO | None = 
                 stop,
             )
         final_eval: dict[str, dict[str, float]] = {}
-        if cfg.eval.at_end and val_batches and not stop.requested:
+        finished = state.iteration >= t.train_iters
+        if cfg.eval.at_end and val_batches and finished:
             final_eval = run_eval(state.iteration)
             summary = ", ".join(
                 f"{mode}-mode validation perplexity {r['ppl']:.2f}" for mode, r in final_eval.items()
