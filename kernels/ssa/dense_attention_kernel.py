@@ -4,8 +4,9 @@ PyTorch's FlexAttention generates a fused Triton flash-attention kernel for any 
 an LSE that carries gradient, and backward; the mask here is "same document and key position
 <= the query's global position". Compiled on CUDA, eager elsewhere (no CPU backward there).
 Measured on H100 (benchmarks/results/kernels_h100_*.json) it is 1.5-1.9x slower than SDPA's
-causal kernel, which cannot take an offset or documents and hides the LSE; the aten flash
-kernel that returns the LSE drops the LSE's gradient, so it is not used.
+causal flash kernel, so kernels.ssa.triton_ops sends whole sequences (q_offset 0, Tq == Tk, no
+documents) to that kernel (dense_attention_flash.py), whose LSE has no gradient; this path serves
+query offsets (context parallelism) and packed documents, and differentiates the LSE.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _block_mask(
 _MASKS: dict[tuple, BlockMask] = {}
 
 
-def dense_attention(
+def flex_dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

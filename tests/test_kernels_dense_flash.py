@@ -1,0 +1,136 @@
+"""The flash dense-attention path (kernels/ssa/dense_attention_flash.py) against the naive reference.
+
+On CPU the autograd Function runs PyTorch's ``_for_cpu`` flash ops, which share the CUDA ops'
+semantics, so these tests cover the layout transposes, GQA expansion and group-summed dK/dV, scale,
+dtypes and the LSE-gradient refusal that the GPU runs; the @pytest.mark.gpu case checks the CUDA
+ops themselves at the 1B layout, reached through ``kernels.ssa.dense_attention``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import ssa
+from kernels.ssa import naive
+from kernels.ssa.dense_attention_flash import flash_applies, flash_dense_attention
+from tests.test_kernels_triton import TOL, rel
+
+
+def inputs(
+    b: int, t: int, h: int, g: int, d: int, dtype: torch.dtype, seed: int, device: str = "cpu"
+) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shapes = [(b, t, h * g, d), (b, t, h, d), (b, t, h, d), (b, t, h * g, d)]
+    return tuple(torch.randn(s, generator=gen, device=device).to(dtype) for s in shapes)  # q, k, v, do
+
+
+def run(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor) -> list[torch.Tensor]:
+    """``[o, lse, dq, dk, dv]`` of ``fn`` under the loss ``sum(o * do)``."""
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    o, lse = fn(*leaves)
+    (o.float() * do.float()).sum().backward()
+    return [o, lse, *(x.grad for x in leaves)]
+
+
+def compare(got: list[torch.Tensor], want: list[torch.Tensor], tol: float) -> None:
+    for name, a, b in zip(["o", "lse", "dq", "dk", "dv"], got, want):
+        assert a.shape == b.shape, f"{name}: {tuple(a.shape)} vs {tuple(b.shape)}"
+        err = rel(a, b)
+        assert err < tol, f"{name}: relative error {err:.2e}"
+
+
+CASES = [
+    # (b, t, h, g, d, scale)
+    (2, 37, 2, 1, 16, None),
+    (1, 53, 2, 3, 64, 0.3),
+    (1, 29, 1, 16, 32, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("b", "t", "h", "g", "d", "scale"), CASES)
+def test_matches_naive(
+    b: int, t: int, h: int, g: int, d: int, scale: float | None, dtype: torch.dtype
+) -> None:
+    q, k, v, do = inputs(b, t, h, g, d, dtype, seed=t * 31 + g)
+    s = d**-0.5 if scale is None else scale
+    got = run(lambda *x: flash_dense_attention(*x, scale=s), q, k, v, do)
+    want = run(lambda *x: naive.dense_attention(*x, scale=s), q, k, v, do)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    assert all(gr.dtype == dtype for gr in got[2:])
+    compare(got, want, TOL[dtype])
+
+
+def test_strided_inputs_from_a_fused_projection() -> None:
+    # Megatron hands attention views of one fused QKV tensor: no stride is the contiguous one.
+    b, t, h, g, d = 1, 41, 2, 3, 32
+    fused = torch.randn(b, t, h, g + 2, d, generator=torch.Generator().manual_seed(3))
+    q = fused[:, :, :, :g].reshape(b, t, h * g, d)
+    k, v = fused[:, :, :, g], fused[:, :, :, g + 1]
+    assert not k.is_contiguous() and not v.is_contiguous()
+    do = torch.randn(b, t, h * g, d, generator=torch.Generator().manual_seed(4)).transpose(0, 1)
+    do = do.contiguous().transpose(0, 1)  # a non-contiguous upstream gradient too
+    got = run(lambda *x: flash_dense_attention(*x, scale=0.2), q, k, v, do)
+    want = run(lambda *x: naive.dense_attention(*x, scale=0.2), q, k, v, do)
+    compare(got, want, TOL[torch.float32])
+
+
+def test_gradient_through_the_lse_raises_and_names_the_fix() -> None:
+    q, k, v, do = inputs(1, 23, 1, 2, 16, torch.float32, seed=9)
+    leaves = [x.requires_grad_(True) for x in (q, k, v)]
+    o, lse = flash_dense_attention(*leaves, scale=0.25)
+    with pytest.raises(
+        RuntimeError, match=r"LSE without gradient.*backend='naive'.*q_offset > 0 or cu_seqlens"
+    ):
+        ((o * do).sum() + lse.sum()).backward()
+    _, lse = flash_dense_attention(*leaves, scale=0.25)
+    with pytest.raises(RuntimeError, match="LSE without gradient"):
+        lse.square().sum().backward()
+
+
+def test_detached_lse_statistic_leaves_the_gradients_alone() -> None:
+    # The model's use: o into the loss, exp(lse_sparse - lse_full) from the detached LSE.
+    q, k, v, do = inputs(1, 31, 2, 2, 16, torch.float32, seed=12)
+
+    def with_statistic(fn):
+        def call(*x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            o, lse = fn(*x)
+            return o + 0 * torch.exp(-lse.detach()).unsqueeze(-1), lse
+
+        return call
+
+    got = run(with_statistic(lambda *x: flash_dense_attention(*x, scale=0.25)), q, k, v, do)
+    want = run(lambda *x: naive.dense_attention(*x, scale=0.25), q, k, v, do)
+    compare(got, want, TOL[torch.float32])
+
+
+def test_bad_geometry_names_the_fix() -> None:
+    q, k, v, _ = inputs(1, 20, 1, 2, 16, torch.float32, seed=1)
+    with pytest.raises(ValueError, match=r"Tq == Tk.*kernels.ssa.dense_attention"):
+        flash_dense_attention(q[:, 5:], k, v, scale=0.25)
+    with pytest.raises(ValueError, match="one dtype"):
+        flash_dense_attention(q, k.bfloat16(), v, scale=0.25)
+
+
+def test_routing_keeps_offsets_documents_and_cpu_off_the_flash_path() -> None:
+    q, k, v, _ = inputs(1, 20, 1, 2, 16, torch.bfloat16, seed=1)
+    assert not flash_applies(q, k, v, 0, None)  # CPU tensors: the CUDA kernel cannot run them
+    assert not flash_applies(q[:, 4:], k, v, 4, None)
+    assert not flash_applies(q, k, v, 0, torch.tensor([0, 7, 20], dtype=torch.int32))
+
+
+# ------------------------------------------------------------------------------------------------
+# the CUDA ops at the 1B layout (GPU machine: `pytest -m gpu`)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_1b_layout_against_fp32_reference() -> None:
+    q, k, v, do = inputs(1, 4096, 2, 16, 64, torch.bfloat16, seed=17, device="cuda")
+    assert flash_applies(q, k, v, 0, None)
+    got = run(lambda *x: ssa.dense_attention(*x), q, k, v, do)  # backend "auto": the routing under test
+    want = run(lambda *x: naive.dense_attention(*x, scale=64**-0.5), q.float(), k.float(), v.float(), do)
+    compare(got, want, TOL[torch.bfloat16])
+    leaves = [x.requires_grad_(True) for x in (q, k, v)]
+    o, lse = ssa.dense_attention(*leaves)
+    with pytest.raises(RuntimeError, match="LSE without gradient"):
+        ((o.float() * do.float()).sum() + lse.sum()).backward()
