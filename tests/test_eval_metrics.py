@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ssa_megatron.evaluation.data import check_vocab, make_windows
-from ssa_megatron.evaluation.metrics import AttentionStatsAccumulator, perplexity, shifted_nll_sum
+from ssa_megatron.evaluation.metrics import AttentionStatsAccumulator, masked_nll_sum, perplexity
 from ssa_megatron.evaluation.passkey import answer_retrieved, build_passkey_sample
 from ssa_megatron.hf.ssa_attention import attention_statistics
 
@@ -44,9 +44,14 @@ def test_perplexity_and_nll() -> None:
     assert perplexity(2 * math.log(7), 2) == pytest.approx(7.0)
     with pytest.raises(ValueError, match="no tokens"):
         perplexity(1.0, 0)
-    # Uniform logits over 10 classes: NLL is log 10 per scored token; 2 rows x 3 targets.
-    nll, n = shifted_nll_sum(torch.zeros(2, 4, 10), torch.randint(0, 10, (2, 4)))
-    assert n == 6 and nll == pytest.approx(6 * math.log(10), rel=1e-6)
+    # Uniform logits over 10 classes: NLL is log 10 per scored token; 5 of the 8 targets are scored.
+    mask = torch.tensor([[1.0, 1, 0, 1], [0, 1, 1, 0]])
+    nll, n = masked_nll_sum(torch.zeros(2, 4, 10), torch.randint(0, 10, (2, 4)), mask)
+    assert n == 5 and nll == pytest.approx(5 * math.log(10), rel=1e-6)
+    # One confident correct prediction (logit 0 vs -inf elsewhere) costs nothing.
+    logits = torch.full((1, 1, 3), float("-inf"))
+    logits[0, 0, 2] = 0.0
+    assert masked_nll_sum(logits, torch.tensor([[2]]), torch.ones(1, 1)) == (0.0, 1.0)
 
 
 def test_accumulator_weights_positions_and_averages_layers() -> None:

@@ -145,3 +145,14 @@ def test_exported_model_runs_the_shipped_triton_kernels_on_cuda(tmp_path: Path) 
                 )
                 steps.append(out.logits)
             torch.testing.assert_close(torch.cat(steps, dim=1), want, rtol=1e-3, atol=1e-3)
+
+
+def test_kernel_shipping_detects_unrewritten_project_imports() -> None:
+    from ssa_megatron.hf.export import _absolute_project_import
+
+    assert _absolute_project_import("from . import naive\nmsg = 'use kernels.ssa.dense_attention'\n") is None
+    assert (
+        _absolute_project_import("import os\nimport kernels.ssa.naive as n\n")
+        == "line 2: import of kernels.ssa.naive"
+    )
+    assert _absolute_project_import("def f():\n    from kernels import ssa\n") == "line 2: import of kernels"

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ssa_megatron.evaluation.data import load_token_stream
+    from ssa_megatron.evaluation.data import load_mds_batches, load_token_stream, mds_split_dir
     from ssa_megatron.evaluation.loading import find_tokenizer_file, load_eval_tokenizer, load_model
     from ssa_megatron.evaluation.runner import EvalOptions, run_evaluation
 
@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     tok_path = args.tokenizer or find_tokenizer_file(Path(source))
     tokenizer = load_eval_tokenizer(tok_path, model.config.vocab_size) if tok_path else None
     stream = load_token_stream(args.data, tokenizer)
+    split = mds_split_dir(Path(args.data)) if Path(args.data).is_dir() else None
+    # Packed validation rows are scored as training validation scores them (RoPE restarts per document).
+    batches = load_mds_batches(split, args.batch_size, args.max_windows) if split else None
     options = EvalOptions(
         seq_len=args.seq_len,
         max_windows=args.max_windows,
@@ -114,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    results = run_evaluation(model, stream, options, args.out, encode=tokenizer.encode if tokenizer else None)
+    results = run_evaluation(
+        model, stream, options, args.out, encode=tokenizer.encode if tokenizer else None, batches=batches
+    )
     for mode, res in results["perplexity"].items():
         att = res["attention"]["mean"]
         print(

@@ -21,27 +21,49 @@ def mds_split_dir(path: Path) -> Path | None:
     return None
 
 
-def load_mds_stream(split_dir: str | Path) -> torch.Tensor:
-    """The token stream of a packed MDS split (``ssa_megatron.data`` rows, in row order, padding dropped).
-
-    Rows are consecutive cuts of the concatenated documents, so joining their real tokens restores it.
-    """
+def _mds_rows(split_dir: str | Path) -> list[dict]:
     from streaming import LocalDataset
 
     from ssa_megatron.data.packing import COL_NUM_TOKENS, COL_TOKENS
 
     dataset = LocalDataset(local=str(split_dir))
-    parts = []
-    for i in range(len(dataset)):
-        row = dataset[i]
-        if COL_TOKENS not in row:
-            raise ValueError(
-                f"{split_dir}: MDS rows have columns {sorted(row)}, not the packed '{COL_TOKENS}' rows"
-            )
-        parts.append(np.asarray(row[COL_TOKENS][: int(row[COL_NUM_TOKENS])], dtype=np.int64))
-    if not parts:
+    rows = [dataset[i] for i in range(len(dataset))]
+    if not rows:
         raise ValueError(f"{split_dir}: the MDS split holds no rows")
+    if COL_TOKENS not in rows[0] or COL_NUM_TOKENS not in rows[0]:
+        raise ValueError(
+            f"{split_dir}: MDS rows have columns {sorted(rows[0])}, not ssa_megatron's packed rows"
+        )
+    return rows
+
+
+def load_mds_stream(split_dir: str | Path) -> torch.Tensor:
+    """The token stream of a packed MDS split (``ssa_megatron.data`` rows, in row order, padding dropped).
+
+    Rows are consecutive cuts of the concatenated documents, so joining their real tokens restores it.
+    """
+    from ssa_megatron.data.packing import COL_NUM_TOKENS, COL_TOKENS
+
+    parts = [
+        np.asarray(r[COL_TOKENS][: int(r[COL_NUM_TOKENS])], dtype=np.int64) for r in _mds_rows(split_dir)
+    ]
     return torch.from_numpy(np.concatenate(parts))
+
+
+def load_mds_batches(split_dir: str | Path, batch_size: int = 1, max_rows: int | None = None) -> list[dict]:
+    """The packed rows as training validation sees them: batch dicts with ``position_ids`` restarting at
+    document starts and ``loss_mask`` 0 on each document's first target and on padding."""
+    from ssa_megatron.data.batch import rows_to_batch
+    from ssa_megatron.data.packing import COL_TOKENS
+
+    rows = _mds_rows(split_dir)[:max_rows]
+    seq_len = len(rows[0][COL_TOKENS]) - 1
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows_to_batch(rows[start : start + batch_size], seq_len)
+        batch.pop("row_ids")
+        batches.append(batch)
+    return batches
 
 
 def load_token_stream(path: str | Path, tokenizer: Encoder | None = None) -> torch.Tensor:

@@ -11,6 +11,13 @@ import torch
 from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
 
 
+def _transformers_at_least(major: int, minor: int) -> bool:
+    import transformers
+
+    found = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    return found >= (major, minor)
+
+
 def is_hf_directory(path: Path) -> bool:
     return (path / "config.json").is_file()
 
@@ -29,7 +36,9 @@ def load_hf_model(
             f"{config_file}: model_type is {found!r}, not 'ssa'. Convert a Llama-architecture checkpoint "
             "with tools/convert_from_hf.py, then export it with tools/convert_to_hf.py"
         )
-    model = SSAForCausalLM.from_pretrained(p, torch_dtype=dtype, **config_overrides)
+    # transformers 4.56 renamed torch_dtype to dtype (the old name still works there, with a warning).
+    dtype_key = "dtype" if _transformers_at_least(4, 56) else "torch_dtype"
+    model = SSAForCausalLM.from_pretrained(p, **{dtype_key: dtype}, **config_overrides)
     return model.to(device).eval()
 
 

@@ -17,12 +17,15 @@ def perplexity(nll_sum: float, tokens: int) -> float:
     return math.exp(nll_sum / tokens)
 
 
-def shifted_nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
-    """Sum of next-token NLL of ``ids[:, 1:]`` under ``logits[:, :-1]`` and the number of scored tokens."""
+def masked_nll_sum(
+    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
+) -> tuple[float, float]:
+    """Sum of the NLL of ``labels`` under ``logits`` where ``loss_mask`` is 1, and how many such tokens."""
     nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
     )
-    return float(nll), ids[:, 1:].numel()
+    mask = loss_mask.reshape(-1).to(nll.dtype)
+    return float((nll * mask).sum()), float(mask.sum())
 
 
 class AttentionStatsAccumulator:

@@ -47,7 +47,7 @@ def to_markdown(results: dict[str, Any]) -> str:
             )
         parts += [
             _table(
-                ["run", "block_count", "length", "tokens", "ppl", "sparsity", "entropy", "KL(sparse||full)"],
+                ["run", "block_count", "length", "tokens", "ppl", "sparsity", "entropy", "KL(sparse, full)"],
                 rows,
             ),
             "",
@@ -62,7 +62,7 @@ def to_markdown(results: dict[str, Any]) -> str:
             parts += [
                 "### Per layer",
                 "",
-                _table(["run", "layer", "sparsity", "entropy", "KL(sparse||full)"], layer_rows),
+                _table(["run", "layer", "sparsity", "entropy", "KL(sparse, full)"], layer_rows),
                 "",
             ]
     sweep = results.get("budget_sweep")
@@ -73,7 +73,7 @@ def to_markdown(results: dict[str, Any]) -> str:
         ]
         parts += [
             _table(
-                ["block_count", "receptive field", "ppl sparse", "sparsity", "KL(sparse||full)"],
+                ["block_count", "receptive field", "ppl sparse", "sparsity", "KL(sparse, full)"],
                 [
                     [
                         r["block_count"],

@@ -12,7 +12,7 @@ import torch
 from .data import check_vocab, make_windows
 from .extrapolation import extrapolation
 from .passkey import passkey_retrieval
-from .perplexity import evaluate_windows
+from .perplexity import Batch, evaluate_batches, windows_to_batches
 from .report import write_report
 from .sweep import DEFAULT_BLOCK_COUNTS, budget_sweep
 
@@ -42,28 +42,35 @@ def run_evaluation(
     out_dir: str | Path,
     *,
     encode: Callable[[str], list[int]] | None = None,
+    batches: Sequence[Batch] | None = None,
 ) -> dict[str, Any]:
     """Perplexity + attention statistics (sparse and full), budget sweep, extrapolation and (given a
-    tokenizer ``encode`` and passkey lengths) passkey retrieval; writes results.json, report.md and PNGs."""
+    tokenizer ``encode`` and passkey lengths) passkey retrieval; writes results.json, report.md and PNGs.
+
+    ``batches`` (e.g. the packed validation rows, whose RoPE positions restart at document starts as in
+    training validation) replace the windows cut from ``stream`` for perplexity, attention statistics and
+    the budget sweep; extrapolation always cuts its longer windows from ``stream``."""
     config = model.config
     check_vocab(stream, config.vocab_size, "validation data")
     seq_len = options.seq_len or int(config.train_seq_length)
-    windows = make_windows(stream, seq_len, options.max_windows)
+    if batches is None:
+        batches = windows_to_batches(make_windows(stream, seq_len, options.max_windows), options.batch_size)
+    else:
+        seq_len = int(batches[0]["tokens"].shape[1])
     settings = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(options).items()}
     settings.update(seq_len=seq_len, block_size=config.block_size, default_block_count=config.block_count)
     results: dict[str, Any] = {"settings": settings, "perplexity": {}}
     for mode in ("sparse", "full"):
-        results["perplexity"][mode] = evaluate_windows(
+        results["perplexity"][mode] = evaluate_batches(
             model,
-            windows,
+            batches,
             mode=mode,
-            batch_size=options.batch_size,
             attention_stats=True,
             progress=options.progress,
         )
     if options.block_counts:
         results["budget_sweep"] = budget_sweep(
-            model, windows, options.block_counts, batch_size=options.batch_size, progress=options.progress
+            model, batches, options.block_counts, progress=options.progress
         )
     if options.extrapolation_factors:
         results["extrapolation"] = extrapolation(

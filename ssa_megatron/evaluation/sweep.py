@@ -5,19 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
-from .perplexity import evaluate_windows
+from .perplexity import Batch, evaluate_batches
 
 DEFAULT_BLOCK_COUNTS = (8, 16, 32, 64, 128, 256)
 
 
 def budget_sweep(
     model: Any,
-    windows: torch.Tensor,
+    batches: Sequence[Batch],
     block_counts: Sequence[int] = DEFAULT_BLOCK_COUNTS,
     *,
-    batch_size: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
     """One row per block_count (``receptive_field = block_count * block_size`` tokens) with sparse perplexity
@@ -27,12 +24,11 @@ def budget_sweep(
     block_size = int(model.config.block_size)
     rows = []
     for count in block_counts:
-        res = evaluate_windows(
+        res = evaluate_batches(
             model,
-            windows,
+            batches,
             mode="sparse",
             block_count=count,
-            batch_size=batch_size,
             attention_stats=True,
             desc=f"sweep block_count={count}",
             progress=progress,
@@ -46,7 +42,5 @@ def budget_sweep(
                 "kl_sparse_full": res["attention"]["mean"]["kl_sparse_full"],
             }
         )
-    full = evaluate_windows(
-        model, windows, mode="full", batch_size=batch_size, desc="sweep full", progress=progress
-    )
-    return {"block_size": block_size, "length": int(windows.shape[1]), "rows": rows, "ppl_full": full["ppl"]}
+    full = evaluate_batches(model, batches, mode="full", desc="sweep full", progress=progress)
+    return {"block_size": block_size, "length": full["length"], "rows": rows, "ppl_full": full["ppl"]}

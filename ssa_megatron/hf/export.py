@@ -12,6 +12,7 @@ This module is not shipped; it is the project side of the export.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import re
@@ -38,14 +39,21 @@ _HF_DIR = Path(__file__).resolve().parent
 # `from kernels.ssa import x` -> `from . import x`; `from kernels.ssa.m import x` -> `from .m import x`.
 _FROM_PACKAGE = re.compile(r"^(\s*)from kernels\.ssa import ", re.MULTILINE)
 _FROM_SUBMODULE = re.compile(r"^(\s*)from kernels\.ssa\.(\w+) import ", re.MULTILINE)
-_ANY_ABSOLUTE = re.compile(r"\bkernels\.ssa\b|^\s*import kernels\b|^\s*from kernels\b", re.MULTILINE)
 
 
-def _strip_docstrings_mentions(source: str) -> str:
-    """Source with string literals blanked, so the leftover-import check ignores docstrings/comments."""
-    source = re.sub(r'"""[\s\S]*?"""', '""', source)
-    source = re.sub(r"'''[\s\S]*?'''", "''", source)
-    return re.sub(r"#.*", "", source)
+def _absolute_project_import(source: str) -> str | None:
+    """The first import statement still naming the ``kernels`` package (None when all are relative)."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        else:
+            continue
+        hit = next((n for n in names if n == "kernels" or n.startswith("kernels.")), None)
+        if hit:
+            return f"line {node.lineno}: import of {hit}"
+    return None
 
 
 def ship_kernels(out_dir: str | Path) -> Path:
@@ -61,10 +69,10 @@ def ship_kernels(out_dir: str | Path) -> Path:
     for path in sorted(src.glob("*.py")):
         text = _FROM_SUBMODULE.sub(r"\1from .\2 import ", path.read_text(encoding="utf-8"))
         text = _FROM_PACKAGE.sub(r"\1from . import ", text)
-        leftover = _ANY_ABSOLUTE.search(_strip_docstrings_mentions(text))
+        leftover = _absolute_project_import(text)
         if leftover:
             raise ValueError(
-                f"{path}: import form {leftover.group(0)!r} cannot be rewritten for shipping; use "
+                f"{path}: {leftover} cannot be rewritten for shipping; use "
                 "`from kernels.ssa import x` or `from kernels.ssa.module import x`"
             )
         (dst / path.name).write_text(text, encoding="utf-8")

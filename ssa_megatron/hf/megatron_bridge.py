@@ -352,6 +352,17 @@ def check_tokenizer(tokenizer_path: str | Path, vocab_size: int) -> None:
         )
 
 
+def saved_tokenizer(train_config: dict[str, Any]) -> str | None:
+    """The tokenizer training used, as the training runner finds it (``data.tokenizer``, else
+    ``<data.path>/tokenizer.model``), when that file exists here."""
+    data = train_config.get("data") or {}
+    candidates = [
+        data.get("tokenizer"),
+        str(Path(data["path"]) / "tokenizer.model") if data.get("path") else None,
+    ]
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
 def export_checkpoint_to_hf(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -363,15 +374,14 @@ def export_checkpoint_to_hf(
 ) -> Path:
     """Megatron SSA checkpoint (any TP/PP layout) -> self-contained HF directory (see ``export``).
 
-    ``tokenizer`` defaults to the ``data.tokenizer`` of the checkpoint's config when that file exists.
+    ``tokenizer`` defaults to the one the checkpoint's config names (see ``saved_tokenizer``).
     """
     from .export import save_hf_directory
 
     ckpt = resolve_checkpoint_dir(checkpoint)
     model = load_megatron_as_hf(ckpt, **config_overrides)
     if tokenizer is None:
-        saved = (read_training_config(ckpt).get("data") or {}).get("tokenizer")
-        tokenizer = saved if saved and Path(saved).exists() else None
+        tokenizer = saved_tokenizer(read_training_config(ckpt))
     if tokenizer is not None:
         check_tokenizer(tokenizer, model.config.vocab_size)
     return save_hf_directory(
