@@ -8,6 +8,7 @@ pipeline stage. megatron's own position embedding is off (``position_embedding_t
 
 from __future__ import annotations
 
+from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
 from ssa_megatron.attention import SSAForwardParams, build_forward_params
@@ -15,48 +16,41 @@ from ssa_megatron.config import SSATransformerConfig, check_sequence_length
 from ssa_megatron.layer_spec import get_ssa_layer_spec
 
 
-def _gpt_model_class() -> type:
-    from megatron.core.models.gpt import GPTModel
+class SSAGPTModel(GPTModel):
+    """GPTModel whose forward builds the per-forward SSA parameters (mode, RoPE, documents)."""
 
-    class SSAGPTModel(GPTModel):
-        """GPTModel whose forward builds the per-forward SSA parameters (mode, RoPE, documents)."""
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: Tensor | None,
+        position_ids: Tensor | None,
+        attention_mask: Tensor | None = None,
+        decoder_input: Tensor | None = None,
+        labels: Tensor | None = None,
+        inference_context: object | None = None,
+        packed_seq_params: SSAForwardParams | None = None,
+        extra_block_kwargs: dict | None = None,
+        runtime_gather_output: bool | None = None,
+        **kwargs: object,
+    ) -> Tensor:
+        if packed_seq_params is None:
+            packed_seq_params = self.forward_params(input_ids, position_ids)
+        return super().forward(
+            input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
+            inference_context=inference_context, packed_seq_params=packed_seq_params,
+            extra_block_kwargs=extra_block_kwargs, runtime_gather_output=runtime_gather_output, **kwargs,
+        )
 
-        def forward(  # type: ignore[override]
-            self,
-            input_ids: Tensor | None,
-            position_ids: Tensor | None,
-            attention_mask: Tensor | None = None,
-            decoder_input: Tensor | None = None,
-            labels: Tensor | None = None,
-            inference_context: object | None = None,
-            packed_seq_params: SSAForwardParams | None = None,
-            extra_block_kwargs: dict | None = None,
-            runtime_gather_output: bool | None = None,
-            **kwargs: object,
-        ) -> Tensor:
-            if packed_seq_params is None:
-                packed_seq_params = self.forward_params(input_ids, position_ids)
-            return super().forward(
-                input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
-                inference_context=inference_context, packed_seq_params=packed_seq_params,
-                extra_block_kwargs=extra_block_kwargs, runtime_gather_output=runtime_gather_output, **kwargs,
-            )
-
-        def forward_params(self, input_ids: Tensor | None, position_ids: Tensor | None) -> SSAForwardParams:
-            """The SSA parameters of the next forward (the drawn mode needs the published iteration)."""
-            shaped = position_ids if position_ids is not None else input_ids
-            if shaped is None:
-                raise ValueError(
-                    "SSAGPTModel needs position_ids (or input_ids) on every pipeline stage to place RoPE"
-                )
-            layers = self.decoder.layers
-            schedule_mb = getattr(layers[0], "current_microbatch", None) if len(layers) else None
-            return build_forward_params(
-                self.config, position_ids, shaped.shape[0], shaped.shape[1], shaped.device, self.training,
-                schedule_mb,
-            )
-
-    return SSAGPTModel
+    def forward_params(self, input_ids: Tensor | None, position_ids: Tensor | None) -> SSAForwardParams:
+        """The SSA parameters of the next forward (a training draw needs the published iteration)."""
+        shaped = position_ids if position_ids is not None else input_ids
+        if shaped is None:
+            raise ValueError("SSAGPTModel needs position_ids (or input_ids) on every pipeline stage")
+        layers = self.decoder.layers
+        schedule_mb = getattr(layers[0], "current_microbatch", None) if len(layers) else None
+        return build_forward_params(
+            self.config, position_ids, shaped.shape[0], shaped.shape[1], shaped.device, self.training,
+            schedule_mb,
+        )
 
 
 def build_model(
@@ -69,7 +63,7 @@ def build_model(
     share_embeddings_and_output_weights: bool = True,
     parallel_output: bool = True,
     use_te: bool | None = None,
-) -> object:
+) -> SSAGPTModel:
     """This rank's SSA GPTModel (stage ``vp_stage`` when virtual pipelining); needs megatron's parallel
     state (``ssa_megatron.parallel.initialize_parallel``). ``pre_process``/``post_process`` default to
     whether this is the first/last pipeline stage."""
@@ -82,7 +76,7 @@ def build_model(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    return _gpt_model_class()(
+    return SSAGPTModel(
         config,
         get_ssa_layer_spec(config, use_te=use_te),
         vocab_size=vocab_size,
@@ -98,7 +92,7 @@ def build_model(
 
 def build_model_chunks(
     config: SSATransformerConfig, vocab_size: int, max_sequence_length: int, **kwargs: object
-) -> list:
+) -> list[SSAGPTModel]:
     """One model per virtual pipeline stage (a single-element list without virtual pipelining)."""
     from megatron.core import parallel_state
 
