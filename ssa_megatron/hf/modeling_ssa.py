@@ -172,6 +172,9 @@ class SSAAttention(nn.Module):
             k, v = k_all.transpose(1, 2), v_all.transpose(1, 2)
         q_offset = k.shape[1] - t
         ops = self._ops(q)
+        if ops is not TORCH_OPS:
+            # The cache hands back [B, H, T, D] storage viewed as [B, T, H, D]; kernels get dense tensors.
+            k, v = k.contiguous(), v.contiguous()
         if mode == "full":
             o, _ = ops.dense_attention(q, k, v, q_offset=q_offset)
         else:
