@@ -141,3 +141,39 @@ def test_bad_settings_are_refused_with_the_value(model: SSAForCausalLM) -> None:
         tiny_config(num_key_value_heads=3)
     with pytest.raises(ValueError, match="nope"):
         SSAForCausalLM(tiny_config(rope_scaling={"rope_type": "nope"}))
+
+
+class _TritonOps:
+    """kernels.ssa forced onto its Triton implementation (run by the interpreter on CPU)."""
+
+    @staticmethod
+    def dense_attention(*args, **kwargs):
+        import kernels.ssa
+
+        return kernels.ssa.dense_attention(*args, backend="triton", **kwargs)
+
+    @staticmethod
+    def sparse_attention(*args, **kwargs):
+        import kernels.ssa
+
+        return kernels.ssa.sparse_attention(*args, backend="triton", **kwargs)
+
+
+@pytest.mark.slow
+def test_model_on_triton_kernels_matches_pytorch_path_with_cache() -> None:
+    torch.manual_seed(10)
+    shape = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1}  # head dim 16 for the tiles
+    ref = SSAForCausalLM(tiny_config(use_kernels="never", **shape)).eval()
+    model = SSAForCausalLM(tiny_config(use_kernels="always", **shape)).eval()
+    model.load_state_dict(ref.state_dict())
+    model.set_attention_ops(_TritonOps())
+    ids = torch.randint(0, 97, (1, 36), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        for mode in ("sparse", "full"):
+            want = ref(ids, use_cache=False, attention_mode=mode).logits
+            out = model(ids[:, :33], use_cache=True, attention_mode=mode)
+            steps, cache = [out.logits], out.past_key_values
+            for t in range(33, 36):
+                out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True, attention_mode=mode)
+                steps.append(out.logits)
+            torch.testing.assert_close(torch.cat(steps, dim=1), want, rtol=1e-4, atol=1e-4)

@@ -19,7 +19,8 @@ class SSAConfig(PretrainedConfig):
             (``from_pretrained(dir, block_count=64)``) or per call (``model(ids, block_count=64)``).
         train_seq_length: sequence length the model was trained at (used by the extrapolation eval).
         use_kernels: ``"auto"`` uses the Triton kernels shipped in the model directory on CUDA tensors,
-            ``"never"`` always uses the PyTorch path.
+            ``"never"`` always uses the PyTorch path, ``"always"`` uses the kernel ops set on the model for
+            every device (e.g. Triton's CPU interpreter in tests).
     """
 
     model_type = "ssa"
@@ -92,8 +93,8 @@ class SSAConfig(PretrainedConfig):
                 f"block_size and block_count must be >= 1, got block_size={self.block_size}, "
                 f"block_count={self.block_count}"
             )
-        if self.use_kernels not in ("auto", "never"):
-            raise ValueError(f"use_kernels must be 'auto' or 'never', got {self.use_kernels!r}")
+        if self.use_kernels not in ("auto", "never", "always"):
+            raise ValueError(f"use_kernels must be 'auto', 'never' or 'always', got {self.use_kernels!r}")
         if self.rope_scaling is not None:
             if not isinstance(self.rope_scaling, dict):
                 raise ValueError(

@@ -150,7 +150,9 @@ class SSAAttention(nn.Module):
         self.stats_sink: list[dict[str, Any]] | None = None
 
     def _ops(self, x: torch.Tensor) -> Any:
-        if self.kernel_ops is not None and x.is_cuda and self.config.use_kernels == "auto":
+        if self.kernel_ops is not None and (
+            self.config.use_kernels == "always" or (x.is_cuda and self.config.use_kernels == "auto")
+        ):
             return self.kernel_ops
         return TORCH_OPS
 
