@@ -24,7 +24,8 @@ def __getattr__(name: str) -> Any:
 
 
 def main_run(cfg: TrainConfig, local_rank: int | None = None) -> int:
-    """Run from the CLI: user errors (config, data, checkpoint, divergence) print one line and exit 1."""
+    """Run from the CLI: config errors exit 2, other user errors (data, checkpoint, divergence) exit 1,
+    each with one clear line."""
     import torch.distributed as dist
 
     from ssa_megatron.training.checkpoint import CheckpointError
@@ -34,7 +35,11 @@ def main_run(cfg: TrainConfig, local_rank: int | None = None) -> int:
 
     try:
         run(cfg, detect_launch(local_rank))
-    except (ConfigError, CheckpointError, NonFiniteError) as err:
+    except ConfigError as err:
+        # Also layout errors only knowable with the world size: a usage error, like argparse's.
+        print(f"pretrain_ssa.py: config error: {err}", file=sys.stderr)
+        return 2
+    except (CheckpointError, NonFiniteError) as err:
         print(f"pretrain_ssa.py: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     finally:
