@@ -83,16 +83,18 @@ def run_step(config: SSATransformerConfig, batches: list[dict[str, torch.Tensor]
         load_full_state_dict(model, full_weights)
     weights = gather_full_tensors(model)
     modes: list[str] = []
-    first_core = model.decoder.layers[0].self_attention.core_attention
-    first_core.register_forward_pre_hook(lambda mod, args: modes.append(args[3].mode))
-    local = [{k: split_for_rank(v, 1, cp_rank, cp) for k, v in b.items()} for b in batches]
-    counts = [b["loss_mask"].sum() for b in batches]
+    local = [{k: split_for_rank(v, 1, cp_rank, cp).to(device) for k, v in b.items()} for b in batches]
+    counts = iter([b["loss_mask"].sum().to(device) for b in batches])  # global target count per micro-batch
     per_token: list[torch.Tensor] = []
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        count = counts[len(per_token) if parallel_state.is_pipeline_last_stage() else 0]
-        out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        count = next(counts)
+        params = model.forward_params(batch["tokens"], batch["position_ids"])  # what forward would build
+        modes.append(params.mode)
+        out = model(
+            batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=params
+        )
 
         def loss_func(output: torch.Tensor):
             per_token.append(gather_sequence(output.detach(), 1, cp_group).cpu())
@@ -152,7 +154,8 @@ CPU_TOL = {"rtol": 2e-4, "atol": 2e-5}
 
 
 def _equivalence_body(rank: int, world_size: int, tp: int, pp: int, cp: int, kernel_backend: str = "naive",
-                      tol: dict = CPU_TOL) -> None:
+                      tol: dict = CPU_TOL, target_overrides: dict | None = None) -> None:
+    """``target_overrides`` change only the parallel run (features that must not change the numbers)."""
     from ssa_megatron.parallel import destroy_parallel, initialize_parallel
 
     batches = make_batches()
@@ -164,7 +167,8 @@ def _equivalence_body(rank: int, world_size: int, tp: int, pp: int, cp: int, ker
         want = run_step(single, batches, None, iteration)
         destroy_parallel()
         initialize_parallel(tensor_parallel=tp, pipeline_parallel=pp, context_parallel=cp, seed=SEED + 1)
-        config = tiny_config(attention_mode, document_causal, tp, pp, cp, kernel_backend=kernel_backend)
+        config = tiny_config(attention_mode, document_causal, tp, pp, cp, kernel_backend=kernel_backend,
+                             **(target_overrides or {}))
         got = run_step(config, batches, want["weights"], iteration)
         destroy_parallel()
         if attention_mode == "ssa":
@@ -175,10 +179,20 @@ def _equivalence_body(rank: int, world_size: int, tp: int, pp: int, cp: int, ker
         compare(got, want, what, tol)
 
 
+# Full-layer activation recompute must replay the same mode (it rides in the forward params).
+RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("tp", "pp", "cp"), [(2, 1, 1), (1, 1, 2), (1, 2, 1), (2, 1, 2)],
-                         ids=["tp2", "cp2", "pp2", "tp2xcp2"])
-def test_parallel_layout_matches_single_rank(tp: int, pp: int, cp: int) -> None:
+@pytest.mark.parametrize(
+    ("tp", "pp", "cp", "target_overrides"),
+    [(2, 1, 1, RECOMPUTE), (1, 1, 2, None), (1, 2, 1, None), (2, 1, 2, None)],
+    ids=["tp2-recompute", "cp2", "pp2", "tp2xcp2"],
+)
+def test_parallel_layout_matches_single_rank(
+    tp: int, pp: int, cp: int, target_overrides: dict | None
+) -> None:
     if torch.cuda.is_available():
         pytest.skip("the CPU/gloo variant; tests/test_model_gpu.py runs NCCL")
-    run_distributed(_equivalence_body, world_size=tp * pp * cp, args=(tp, pp, cp))
+    args = (tp, pp, cp, "naive", CPU_TOL, target_overrides)
+    run_distributed(_equivalence_body, world_size=tp * pp * cp, args=args)
