@@ -77,6 +77,15 @@ def test_llama_import_refusals(tmp_path: Path) -> None:
     )
     with pytest.raises(LlamaImportError, match="model_type='gpt2'"):
         ssa_from_llama(tmp_path / "gpt2")
+    # A sharded checkpoint (index + several files) loads like a single file.
+    multi = tmp_path / "multi"
+    _llama(tmp_path / "plain", False).save_pretrained(multi, max_shard_size="20KB")
+    assert len(list(multi.glob("model-*.safetensors"))) > 1 and not (multi / "model.safetensors").exists()
+    single = LlamaForCausalLM.from_pretrained(multi)
+    converted = ssa_from_llama(multi)
+    assert torch.equal(
+        converted.model.layers[1].mlp.up_proj.weight, single.model.layers[1].mlp.up_proj.weight
+    )
     sharded = tmp_path / "sharded"
     shutil.copytree(tmp_path / "biased", sharded)
     (sharded / "model.safetensors").unlink()
