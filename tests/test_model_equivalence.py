@@ -71,52 +71,58 @@ def run_step(config: SSATransformerConfig, batches: list[dict[str, torch.Tensor]
     from ssa_megatron.alignment import alignment_loss_scale, set_alignment_loss_scale, tracker
     from ssa_megatron.context_parallel import gather_sequence, split_for_rank
     from ssa_megatron.cpu_compat import compute_device
-    from ssa_megatron.model import build_model
+    from ssa_megatron.model import build_model_chunks
     from ssa_megatron.parallel import gather_full_tensors, load_full_state_dict
 
     cp = parallel_state.get_context_parallel_world_size()
     cp_rank = parallel_state.get_context_parallel_rank()
     cp_group = parallel_state.get_context_parallel_group()
     device = compute_device()
-    model = build_model(config, VOCAB, SEQ).to(device)
-    if full_weights is not None:
-        load_full_state_dict(model, full_weights)
-    weights = gather_full_tensors(model)
-    modes: list[str] = []
-    local = [{k: split_for_rank(v, 1, cp_rank, cp).to(device) for k, v in b.items()} for b in batches]
-    counts = iter([b["loss_mask"].sum().to(device) for b in batches])  # global target count per micro-batch
+    chunks = [chunk.to(device) for chunk in build_model_chunks(config, VOCAB, SEQ)]
+    weights: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        if full_weights is not None:
+            load_full_state_dict(chunk, full_weights)
+        weights.update(gather_full_tensors(chunk))
+    modes: dict[int, str] = {}
+    local = []
+    for batch in batches:
+        part = {k: split_for_rank(v, 1, cp_rank, cp).to(device) for k, v in batch.items()}
+        part["count"] = batch["loss_mask"].sum().to(device)  # the micro-batch's global target count
+        local.append(part)
     per_token: list[torch.Tensor] = []
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        count = next(counts)
         params = model.forward_params(batch["tokens"], batch["position_ids"])  # what forward would build
-        modes.append(params.mode)
+        microbatch = model.decoder.layers[0].current_microbatch
+        assert modes.setdefault(microbatch, params.mode) == params.mode, "chunks drew different modes"
         out = model(
             batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=params
         )
 
         def loss_func(output: torch.Tensor):
             per_token.append(gather_sequence(output.detach(), 1, cp_group).cpu())
-            return (output * batch["loss_mask"]).sum() / count, {"ce": output.detach()}
+            return (output * batch["loss_mask"]).sum() / batch["count"], {"ce": output.detach()}
 
         return out, loss_func
 
     ssa_mode.set_microbatch(iteration)
     set_alignment_loss_scale(alignment_loss_scale(MICROBATCHES, cp))
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(local), model=[model],
+        forward_step_func=forward_step, data_iterator=[iter(local) for _ in chunks], model=chunks,
         num_microbatches=MICROBATCHES, seq_length=SEQ // cp, micro_batch_size=BATCH, forward_only=False,
     )
     ssa_mode.clear()
-    for param in model.parameters():  # what DDP's average over the CP part of DP x CP does
-        if param.grad is not None and cp > 1:
-            dist.all_reduce(param.grad, group=cp_group)
-            param.grad /= cp
-    grads = gather_full_tensors(model, grads=True)
-    if ("output_layer.weight" in grads and "output_layer.weight" not in weights) or (
-        parallel_state.get_pipeline_model_parallel_world_size() > 1 and "output_layer.weight" in grads
-    ):
+    grads: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        for param in chunk.parameters():  # what DDP's average over the CP part of DP x CP does
+            if param.grad is not None and cp > 1:
+                dist.all_reduce(param.grad, group=cp_group)
+                param.grad /= cp
+        grads.update(gather_full_tensors(chunk, grads=True))
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1 and "output_layer.weight" in grads:
+        # The last stage's tied copy of the word embedding: its gradient adds to the embedding's.
         grads["embedding.word_embeddings.weight"] = grads["embedding.word_embeddings.weight"] + grads.pop(
             "output_layer.weight"
         )
@@ -125,7 +131,7 @@ def run_step(config: SSATransformerConfig, batches: list[dict[str, torch.Tensor]
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     shared = [per_token]
     dist.broadcast_object_list(shared, group_src=dist.get_world_size(pp_group) - 1, group=pp_group)
-    all_modes: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    all_modes: list[dict[int, str]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(all_modes, modes)
     assert all(m == all_modes[0] for m in all_modes), f"ranks drew different modes: {all_modes}"
     return {"per_token": shared[0], "align": reduced["alignment_loss"],
@@ -154,25 +160,31 @@ CPU_TOL = {"rtol": 2e-4, "atol": 2e-5}
 
 
 def _equivalence_body(rank: int, world_size: int, tp: int, pp: int, cp: int, kernel_backend: str = "naive",
-                      tol: dict = CPU_TOL, target_overrides: dict | None = None) -> None:
+                      tol: dict = CPU_TOL, target_overrides: dict | None = None, num_layers: int = 2,
+                      cases: tuple = CASES) -> None:
     """``target_overrides`` change only the parallel run (features that must not change the numbers)."""
     from ssa_megatron.parallel import destroy_parallel, initialize_parallel
 
     batches = make_batches()
-    for attention_mode, document_causal in CASES:
+    target_overrides = dict(target_overrides or {}, num_layers=num_layers)
+    vpp = target_overrides.get("virtual_pipeline_model_parallel_size")
+    for attention_mode, document_causal in cases:
         what = f"TP={tp} PP={pp} CP={cp} mode={attention_mode} document_causal={document_causal}"
-        single = tiny_config(attention_mode, document_causal, kernel_backend=kernel_backend)
+        single = tiny_config(
+            attention_mode, document_causal, kernel_backend=kernel_backend, num_layers=num_layers
+        )
         iteration = iteration_with_both_modes(single)
         initialize_parallel(seed=SEED)
         want = run_step(single, batches, None, iteration)
         destroy_parallel()
-        initialize_parallel(tensor_parallel=tp, pipeline_parallel=pp, context_parallel=cp, seed=SEED + 1)
+        initialize_parallel(tensor_parallel=tp, pipeline_parallel=pp, context_parallel=cp,
+                            virtual_pipeline_parallel=vpp, seed=SEED + 1)
         config = tiny_config(attention_mode, document_causal, tp, pp, cp, kernel_backend=kernel_backend,
-                             **(target_overrides or {}))
+                             **target_overrides)
         got = run_step(config, batches, want["weights"], iteration)
         destroy_parallel()
         if attention_mode == "ssa":
-            assert sorted(want["modes"]) == ["full", "sparse"], want["modes"]
+            assert sorted(want["modes"].values()) == ["full", "sparse"], want["modes"]
             assert torch.isfinite(want["align"]).all() and (want["align"] > 0).all(), what
         else:
             assert torch.isnan(want["align"]).all(), what
@@ -196,3 +208,12 @@ def test_parallel_layout_matches_single_rank(
         pytest.skip("the CPU/gloo variant; tests/test_model_gpu.py runs NCCL")
     args = (tp, pp, cp, "naive", CPU_TOL, target_overrides)
     run_distributed(_equivalence_body, world_size=tp * pp * cp, args=args)
+
+
+@pytest.mark.slow
+def test_virtual_pipeline_matches_single_rank() -> None:
+    """PP=2 with two virtual stages each (4 layers, megatron's interleaved 1F1B), SSA mode only."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU/gloo variant")
+    args = (1, 2, 1, "naive", CPU_TOL, {"virtual_pipeline_model_parallel_size": 2}, 4, CASES[:1])
+    run_distributed(_equivalence_body, world_size=2, args=args)
