@@ -34,6 +34,7 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_unknown_flag_and_bad_values_exit_2() -> None:
     proc = _cli("--config", "examples/tiny_cpu.yaml", "--definitely-not-a-flag")
     assert proc.returncode == 2 and "unrecognized arguments: --definitely-not-a-flag" in proc.stderr
@@ -44,6 +45,7 @@ def test_unknown_flag_and_bad_values_exit_2() -> None:
     assert proc.returncode == 2 and "--config is required" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

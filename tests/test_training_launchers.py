@@ -49,7 +49,9 @@ def test_deepspeed_launcher_trains_with_zero1(demo_dir: str, tmp_path: Path) -> 
         "2",
         "--master_port",
         str(free_port()),
-        *_train_args(demo_dir, "--checkpoint.dir", str(ckpt)),
+        *_train_args(
+            demo_dir, "--checkpoint.dir", str(ckpt), "--logging.tensorboard_dir", str(tmp_path / "tb")
+        ),
         "--deepspeed",
         "--deepspeed_config",
         "examples/deepspeed/zero1_bf16.json",
@@ -61,6 +63,7 @@ def test_deepspeed_launcher_trains_with_zero1(demo_dir: str, tmp_path: Path) -> 
     ce = _ce_values(log)
     assert len(ce) == 4 and ce[-1] < ce[0], log[-3000:]
     assert "final (4 iterations): sparse-mode validation perplexity" in log
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*")), "rank 0 writes TensorBoard events"
     it = ckpt / "iter_0000004"
     assert (ckpt / "latest").read_text().strip() == it.name
     # Sharded model weights (engine independent) plus DeepSpeed's own ZeRO optimizer partitions.

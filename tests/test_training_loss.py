@@ -87,6 +87,11 @@ def tiny_overrides(data_dir: str, *extra: str) -> list[str]:
         "lines",
         "--checkpoint.load",
         "none",
+        # Runs from examples/tiny_cpu.yaml must not write into the repository's runs/ directory.
+        "--checkpoint.dir",
+        "null",
+        "--logging.tensorboard_dir",
+        "null",
     ]
     return args + list(extra)
 
