@@ -4,10 +4,13 @@ Layout of `checkpoint.dir`:
 
     latest                    one line, the name of the last complete checkpoint ("iter_0000020")
     iter_0000020/
-        model/                dist_checkpointing directory: model weights only, keys from megatron's
-                              `sharded_state_dict()`, e.g.
-                              "decoder.layers.0.self_attention.linear_qkv.weight";
-                              layers numbered globally, so any TP/PP layout can load them)
+        model/                dist_checkpointing directory: model weights only, the bare GPTModel's
+                              `sharded_state_dict()` keys (no DDP/Float16/DeepSpeed prefix), e.g.
+                              "embedding.word_embeddings.weight" [vocab, hidden],
+                              "decoder.layers.self_attention.linear_qkv.weight" [num_layers, ...]
+                              (megatron stacks the layers along a leading axis, so any TP/PP
+                              layout can load them), "decoder.final_layernorm.weight";
+                              "output_layer.weight" only without tied embeddings
         optim/                dist_checkpointing directory: optimizer state (same layout rules)
         train_state.pt        iteration, LR scheduler, resolved config (rank 0)
         rank_00003.pt         per-rank RNG states and data-loader state
