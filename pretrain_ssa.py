@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+
+# megatron warns at import that it falls back from Transformer Engine/Apex to plain torch; this
+# stack never needs either, so the message is noise on every rank.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
 
 
 def build_parser() -> argparse.ArgumentParser:
