@@ -48,6 +48,10 @@ def test_enable_is_idempotent_and_reversible() -> None:
             assert proxy.cuda.current_device() == torch.device("cpu")
             assert proxy.zeros([], device="cuda").device.type == "cpu"
             assert proxy.tensor([1], device="cpu", pin_memory=True).device.type == "cpu"
+            assert proxy.cuda.synchronize() is None
+            with proxy.autocast("cuda", dtype=torch.bfloat16):
+                assert torch.is_autocast_enabled("cpu")
+                assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
         assert "cuda" not in torch.Tensor.__dict__
     finally:
         cpu_compat.disable_cpu_compat()
