@@ -69,3 +69,35 @@ def test_bad_configs_name_the_problem(
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("name", "world"),
+    [("tiny_cpu", 1), ("ssa_1b_8k", 64), ("full_1b_8k", 64), ("sparse_1b_8k", 64), ("ssa_300m", 16)],
+)
+def test_example_configs_validate_for_their_cluster(name: str, world: int) -> None:
+    cfg = load_config(ROOT / "examples" / f"{name}.yaml")
+    assert data_parallel_size(cfg, world) >= 1
+    assert "${" not in str(cfg.checkpoint.dir) and "${" not in str(cfg.logging.tensorboard_dir)
+
+
+def test_three_way_comparison_is_one_config_line() -> None:
+    import yaml
+
+    raw = {
+        m: yaml.safe_load((ROOT / "examples" / f"{m}_1b_8k.yaml").read_text())
+        for m in ("ssa", "full", "sparse")
+    }
+    for mode, data in raw.items():
+        assert data["model"].pop("attention_mode") == mode
+    assert raw["ssa"] == raw["full"] == raw["sparse"]
+    dirs = {load_config(ROOT / "examples" / f"{m}_1b_8k.yaml").checkpoint.dir for m in raw}
+    assert len(dirs) == 3, "each baseline must write its own checkpoints"
+
+
+def test_interpolation_rejects_unknown_reference(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"reference \$\{model.nope\} names no config key"):
+        load_config(_write(tmp_path), parse_override_args(["--checkpoint.dir", "/ckpt/${model.nope}"]))
