@@ -19,12 +19,14 @@ step, before ``forward_backward_func``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def _elementwise(kind: str) -> type:
+def _elementwise(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if kind == "smooth_l1":
         return lambda a, b: F.smooth_l1_loss(a, b, reduction="sum", beta=1.0)
     if kind == "mse":
