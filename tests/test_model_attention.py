@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -20,11 +19,16 @@ from tests.test_model_equivalence import VOCAB, tiny_config
 def single_rank():
     from ssa_megatron.parallel import destroy_parallel, initialize_parallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-    initialize_parallel(seed=7, backend="gloo")
-    yield
-    destroy_parallel()
-    dist.destroy_process_group()
+    # Restored afterwards: later tests start subprocesses that must not inherit a rank and a port
+    # that this process group holds.
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
+                           ("WORLD_SIZE", "1")):  # fmt: skip
+            env.setenv(key, value)
+        initialize_parallel(seed=7, backend="gloo")
+        yield
+        destroy_parallel()
+        dist.destroy_process_group()
 
 
 # --- config -------------------------------------------------------------------------------------------

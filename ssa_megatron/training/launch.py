@@ -89,8 +89,10 @@ def init_distributed(env: LaunchEnv, device: torch.device, timeout_minutes: int 
     if dist.is_initialized():
         return
     if env.launcher == "single":
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # A lone process talks only to itself: always a fresh loopback port, never one inherited
+        # from a parent whose own process group may still hold it.
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
     elif env.launcher == "slurm" and ("MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ):
         raise RuntimeError(
             "under srun without torchrun set MASTER_ADDR and MASTER_PORT (see "
