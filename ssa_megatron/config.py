@@ -56,6 +56,13 @@ class SSATransformerConfig(TransformerConfig):
                 f"num_query_groups={groups}"
             )
         super().__post_init__()
+        if self.recompute_granularity == "selective" and "core_attn" in (self.recompute_modules or []):
+            # SSASelfAttention runs its core attention itself (both branches, the alignment hook and
+            # the metrics), so megatron's core-attention checkpointing would silently not apply.
+            raise ValueError(
+                "selective recompute of the SSA core attention is not supported; recompute whole layers "
+                "(recompute_granularity='full', train.recompute=full) or none"
+            )
         _check_choice("attention_mode", self.attention_mode, ATTENTION_MODES)
         _check_choice("alignment_loss", self.alignment_loss, ALIGNMENT_LOSSES)
         _check_choice("inference_mode", self.inference_mode, INFERENCE_MODES)

@@ -47,6 +47,7 @@ def single_rank():
         ({"inference_block_count": 0}, "inference_block_count"),
         ({"tensor_model_parallel_size": 3}, "num_attention_heads=4 is not divisible"),
         ({"tensor_model_parallel_size": 4}, "num_query_groups \\(KV heads\\)=2 is not divisible"),
+        ({"recompute_granularity": "selective"}, "selective recompute of the SSA core attention"),
     ],
 )
 def test_invalid_config_fails_at_construction(overrides: dict, message: str) -> None:

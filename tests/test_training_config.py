@@ -56,6 +56,7 @@ def test_override_args_reject_plain_flags() -> None:
         ("", ["--checkpoint.save_interval", "5"], 1, "needs checkpoint.dir"),
         ("", ["--data.tokenizer", ""], 1, "data.tokenizer is empty"),
         ("", ["--parallel.virtual_pipeline", "2"], 1, "needs parallel.pipeline > 1"),
+        ("", ["--train.recompute", "selective"], 1, "selective recompute of the SSA core attention is not"),
     ],
 )
 def test_bad_configs_name_the_problem(

@@ -403,8 +403,9 @@ def validate_static(cfg: TrainConfig) -> None:
         t.precision in ("bf16", "fp16", "fp32"), f"train.precision={t.precision!r}; choose bf16, fp16 or fp32"
     )
     _check(
-        t.recompute in ("none", "selective", "full"),
-        f"train.recompute={t.recompute!r}; choose none, selective or full",
+        t.recompute in ("none", "full"),
+        f"train.recompute={t.recompute!r}; choose none or full (whole-layer recomputation; selective "
+        "recompute of the SSA core attention is not supported)",
     )
     _check(t.nan_policy in ("skip", "stop"), f"train.nan_policy={t.nan_policy!r}; choose skip or stop")
     _check(t.engine in ("megatron", "deepspeed"), f"train.engine={t.engine!r}; choose megatron or deepspeed")

@@ -85,7 +85,6 @@ def model_config(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Any
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
     recompute = {
         "none": {},
-        "selective": {"recompute_granularity": "selective"},
         "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
     }[t.recompute]
     return SSATransformerConfig(
