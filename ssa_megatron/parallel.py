@@ -27,6 +27,15 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
     dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
 
 
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where tensors for collectives on ``group`` (default: the world) must live: the current GPU for
+    NCCL, the CPU for gloo. Small bookkeeping tensors (loss totals, flags, metrics) are built here so
+    the same code reduces them on a GPU cluster and in the CPU tests."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def initialize_parallel(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,

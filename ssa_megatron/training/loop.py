@@ -24,6 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from ssa_megatron.alignment import alignment_loss_scale, set_alignment_loss_scale, tracker
 from ssa_megatron.context_parallel import split_for_rank
 from ssa_megatron.mode import draw_mode, set_microbatch
+from ssa_megatron.parallel import collective_device
 from ssa_megatron.training.config import TrainConfig
 from ssa_megatron.training.metrics import MetricsLogger, memory_gib
 
@@ -118,9 +119,10 @@ def _reduce_ce(store: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
     ranks see the same value (the NaN policy must be decided identically everywhere). Tensor- and
     context-parallel ranks of one replica hold identical totals, which cancels in the ratio.
     """
-    totals = torch.zeros(2, dtype=torch.float64)
+    device = collective_device()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
     for item in store:
-        totals += item["ce"].detach().to("cpu", torch.float64)
+        totals += item["ce"].detach().to(device, torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(totals)
     # Every tensor- and context-parallel rank of a replica reported the same (CP-reduced) totals.
@@ -128,6 +130,7 @@ def _reduce_ce(store: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         parallel_state.get_tensor_model_parallel_world_size()
         * parallel_state.get_context_parallel_world_size()
     )
+    totals = totals.cpu()
     return float(totals[0]), float(totals[1])
 
 
@@ -248,7 +251,7 @@ class StopFlag:
 
     def agreed(self) -> bool:
         """All ranks stop together: any rank's signal stops everyone at the same iteration."""
-        t = torch.tensor([1.0 if self.requested else 0.0])
+        t = torch.tensor([1.0 if self.requested else 0.0], device=collective_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
