@@ -166,10 +166,10 @@ class SSAMetricsTracker:
         (NaN for a layer with no samples) and clears the accumulators."""
         from megatron.core import parallel_state
 
-        from ssa_megatron.cpu_compat import compute_device
+        from ssa_megatron.parallel import collective_device
 
-        # On the compute device: NCCL reduces only CUDA tensors, even when nothing was recorded.
-        stats = self._ensure(num_layers, device or compute_device()).clone()
+        # Where the collectives need it (NCCL reduces only CUDA tensors), even when nothing was recorded.
+        stats = self._ensure(num_layers, device or collective_device()).clone()
         self.stats = None
         if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
             dist.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
