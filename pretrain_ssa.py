@@ -41,13 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    from ssa_megatron.training.config import ConfigError, load_config, parse_override_args
+    from ssa_megatron.training.config import ConfigError, load_config, parse_args_and_overrides
 
-    try:
-        overrides = parse_override_args(rest)
-    except ValueError as err:
-        parser.error(f"unrecognized arguments: {err}")
+    args, overrides = parse_args_and_overrides(parser, argv)
     if args.config is None:
         parser.error("--config is required, e.g. --config examples/tiny_cpu.yaml")
     if args.deepspeed:

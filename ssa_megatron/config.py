@@ -99,3 +99,22 @@ def check_sequence_length(config: SSATransformerConfig, seq_length: int) -> None
             f"sequence length {seq_length} is not divisible by 2*context_parallel_size = {chunks} "
             "(megatron's load-balanced split); pad the sequence or change CP"
         )
+
+
+def llama_block_config(**fields: object) -> SSATransformerConfig:
+    """An ``SSATransformerConfig`` with the paper's Llama-style blocks (RMSNorm, SwiGLU, no biases, no
+    dropout); ``fields`` give the shape, parallel layout and SSA settings. The one place the block
+    architecture is fixed, so the trained model and the conversion tools cannot drift apart."""
+    import torch.nn.functional as F
+
+    return SSATransformerConfig(
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        **fields,
+    )

@@ -48,13 +48,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compare-to", type=Path, help="a 1-GPU result of this script: report DP scaling")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/train_<time>.json)")
-    args, rest = p.parse_known_args(argv)
-    from ssa_megatron.training.config import parse_override_args
+    from ssa_megatron.training.config import parse_args_and_overrides
 
-    try:
-        overrides = parse_override_args(rest)
-    except ValueError as err:
-        p.error(f"unrecognized arguments: {err}")
+    args, overrides = parse_args_and_overrides(p, argv)
     if args.config is None:
         p.error("--config is required, e.g. --config examples/ssa_1b_8k.yaml")
     if args.accum < 1 or args.reps < 1 or args.warmup < 0:

@@ -62,17 +62,9 @@ def megatron_config(
 ) -> Any:
     """``SSATransformerConfig`` of the Megatron model equal to ``config`` (Llama-style blocks, no dropout),
     for conversion and parity checks (CPU initialisation, eval-time mode/budget from ``config``)."""
-    from ssa_megatron.config import SSATransformerConfig
+    from ssa_megatron.config import llama_block_config
 
-    return SSATransformerConfig(
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
+    return llama_block_config(
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         ffn_hidden_size=config.intermediate_size,

@@ -6,6 +6,7 @@ beside each checkpoint, so a checkpoint always says how it was made.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import types
@@ -252,6 +253,18 @@ def parse_override_args(args: list[str]) -> list[tuple[str, str, str]]:
     if bad:
         raise ValueError(" ".join(bad))
     return out
+
+
+def parse_args_and_overrides(
+    parser: argparse.ArgumentParser, argv: list[str] | None = None
+) -> tuple[argparse.Namespace, list[tuple[str, str, str]]]:
+    """The script's own flags plus `--section.key value` config overrides; anything else is reported
+    the way argparse reports unknown flags (exit 2, "unrecognized arguments: ...")."""
+    args, rest = parser.parse_known_args(argv)
+    try:
+        return args, parse_override_args(rest)
+    except ValueError as err:
+        parser.error(f"unrecognized arguments: {err}")
 
 
 def load_config(path: str | Path | None, overrides: list[tuple[str, str, str]] | None = None) -> TrainConfig:

@@ -79,7 +79,7 @@ def prepare_data(cfg: TrainConfig, env: LaunchEnv) -> Any:
 
 
 def model_config(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Any:
-    from ssa_megatron.config import SSATransformerConfig
+    from ssa_megatron.config import llama_block_config
 
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
@@ -87,14 +87,7 @@ def model_config(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Any
         "none": {},
         "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
     }[t.recompute]
-    return SSATransformerConfig(
-        # Llama-style blocks as in the paper: RMSNorm, SwiGLU, no biases, no dropout.
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+    return llama_block_config(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
