@@ -241,3 +241,28 @@ def test_triton_backend_refuses_mixed_dtypes() -> None:
     with pytest.raises(ValueError, match="one dtype for all inputs"):
         idx = torch.zeros(1, 32, 1, 1, dtype=torch.int32, device=DEV)
         ssa.selected_attention(q, k.bfloat16(), v, idx, 16, backend="triton")
+
+
+def test_views_with_different_strides_for_k_and_v() -> None:
+    """What megatron hands over: q and k roped (transposed copies), v a view of the fused QKV output,
+    so k and v have different strides; outputs and gradients must not depend on the layout."""
+    b, t, h, g, d = 2, 48, 2, 2, 16
+    gen = torch.Generator(device=DEV).manual_seed(31)
+    fused = torch.randn(t, b, h, (g + 2) * d, generator=gen, device=DEV)
+    do = torch.randn(b, t, h * g, d, generator=gen, device=DEV)
+    results = []
+    for backend in ("triton", "naive"):
+        qkv = fused.clone().requires_grad_(True)
+        q = qkv[..., : g * d].reshape(t, b, h * g, d).transpose(0, 1)
+        k = qkv[..., g * d : (g + 1) * d].contiguous().transpose(0, 1)
+        v = qkv[..., (g + 1) * d :].transpose(0, 1)
+        assert k.stride() != v.stride()
+        with poisoned_outputs():
+            o, lse, idx = ssa.sparse_attention(q, k, v, 16, 2, backend=backend)
+            (o * do).sum().backward()
+        results.append([o, lse, idx, qkv.grad])
+    for name, got, want in zip(["o", "lse", "idx", "d qkv"], *results):
+        if name == "idx":
+            assert torch.equal(got, want)
+        else:
+            assert rel(got, want) < TOL[torch.float32], f"{name}: relative error {rel(got, want):.2e}"
