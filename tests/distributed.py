@@ -53,10 +53,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
             dist.destroy_process_group()
 
 
-def run_distributed(
-    fn: Callable[..., Any], world_size: int, args: tuple = (), timeout: float = 600.0
-) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank."""
+def _run_once(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float) -> tuple[list, list[str]]:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
@@ -79,6 +76,21 @@ def run_distributed(
         proc.join(timeout=5 if failures else timeout)
         if proc.is_alive():
             proc.kill()
+    return [results.get(rank) for rank in range(world_size)], failures
+
+
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, args: tuple = (), timeout: float = 600.0
+) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank.
+
+    The rendezvous port is picked free and then bound by rank 0 a moment later; if another process
+    took it in between (EADDRINUSE), the run is repeated on a new port, at most twice more.
+    """
+    for _ in range(3):
+        results, failures = _run_once(fn, world_size, args, timeout)
+        if not any("EADDRINUSE" in failure for failure in failures):
+            break
     if failures:
         raise AssertionError("\n".join(failures))
-    return [results[rank] for rank in range(world_size)]
+    return results
