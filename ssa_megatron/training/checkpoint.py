@@ -17,7 +17,7 @@ Layout of `checkpoint.dir`:
         config.yaml           the resolved config, human readable
         complete.json         written last: iteration and the parallel layout that saved it
 
-Everything is written into `iter_XXXXXXX.partial/`, which rank 0 renames once every rank is
+Everything is written into `iter_<7-digit iteration>.partial/`, which rank 0 renames once every rank is
 done; only then is `latest` replaced (write-to-temp + os.replace). A save interrupted at
 any point therefore leaves the previous checkpoint and `latest` untouched.
 """
