@@ -138,6 +138,25 @@ def _attend(
     return o.to(q.dtype), lse.permute(0, 2, 1).contiguous()
 
 
+def _chunked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor | None, block_size: int,
+    q_offset: int, scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Causal attention, restricted to the selected blocks when ``block_idx`` is given, in query chunks."""
+    _check_shapes(q, k, q_offset)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    b, tq, hq, _ = q.shape
+    tk, h = k.shape[1], k.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty(b, tq, hq, dtype=torch.float32, device=q.device)
+    pos = torch.arange(q_offset, q_offset + tq, device=q.device)
+    for sl in _query_chunks(b, hq, tq, tk):
+        idx = None if block_idx is None else block_idx[:, sl]
+        allowed = _allowed_tokens(idx, block_size, pos[sl], tk, h)
+        o[:, sl], lse[:, sl] = _attend(q[:, sl], k, v, allowed, scale)
+    return o, lse
+
+
 def selected_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -149,35 +168,14 @@ def selected_attention(
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal softmax attention over the tokens of the selected blocks: ``(o, lse fp32 [B, Tq, HQ])``."""
-    _check_shapes(q, k, q_offset)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    b, tq, hq, _ = q.shape
-    tk, h = k.shape[1], k.shape[2]
-    o = torch.empty_like(q)
-    lse = torch.empty(b, tq, hq, dtype=torch.float32, device=q.device)
-    pos = torch.arange(q_offset, q_offset + tq, device=q.device)
-    for sl in _query_chunks(b, hq, tq, tk):
-        allowed = _allowed_tokens(block_idx[:, sl], block_size, pos[sl], tk, h)
-        o[:, sl], lse[:, sl] = _attend(q[:, sl], k, v, allowed, scale)
-    return o, lse
+    return _chunked_attention(q, k, v, block_idx, block_size, q_offset, scale)
 
 
 def dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_offset: int = 0, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal full attention. Returns ``(o, lse fp32 [B, Tq, HQ])``."""
-    _check_shapes(q, k, q_offset)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    b, tq, hq, _ = q.shape
-    tk, h = k.shape[1], k.shape[2]
-    o = torch.empty_like(q)
-    lse = torch.empty(b, tq, hq, dtype=torch.float32, device=q.device)
-    pos = torch.arange(q_offset, q_offset + tq, device=q.device)
-    for sl in _query_chunks(b, hq, tq, tk):
-        o[:, sl], lse[:, sl] = _attend(
-            q[:, sl], k, v, _allowed_tokens(None, block_size=1, pos=pos[sl], tk=tk, h=h), scale
-        )
-    return o, lse
+    return _chunked_attention(q, k, v, None, 1, q_offset, scale)
 
 
 def sparse_attention(
