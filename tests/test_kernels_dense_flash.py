@@ -62,6 +62,21 @@ def test_matches_naive(
     compare(got, want, TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("t_q", "q_offset", "t_k"), [(16, 21, 37), (9, 40, 49), (1, 30, 44), (37, 0, 37)])
+def test_query_offset_matches_naive(t_q: int, q_offset: int, t_k: int, dtype: torch.dtype) -> None:
+    # A context-parallel chunk: queries at [q_offset, q_offset + t_q) against all keys; keys after the
+    # chunk (t_k > q_offset + t_q in the first and third cases) must get exactly zero gradient.
+    q, k, v, do = inputs(2, t_k, 2, 3, 32, dtype, seed=t_q + q_offset)
+    q, do = q[:, :t_q].contiguous(), do[:, :t_q].contiguous()
+    got = run(lambda *x: flash_dense_attention(*x, scale=0.2, q_offset=q_offset), q, k, v, do)
+    want = run(lambda *x: naive.dense_attention(*x, scale=0.2, q_offset=q_offset), q, k, v, do)
+    compare(got, want, TOL[dtype])
+    end = q_offset + t_q
+    assert torch.equal(got[3][:, end:], torch.zeros_like(got[3][:, end:]))
+    assert got[3][:, :end].abs().sum() > 0
+
+
 def test_strided_inputs_from_a_fused_projection() -> None:
     # Megatron hands attention views of one fused QKV tensor: no stride is the contiguous one.
     b, t, h, g, d = 1, 41, 2, 3, 32
@@ -81,7 +96,7 @@ def test_gradient_through_the_lse_raises_and_names_the_fix() -> None:
     leaves = [x.requires_grad_(True) for x in (q, k, v)]
     o, lse = flash_dense_attention(*leaves, scale=0.25)
     with pytest.raises(
-        RuntimeError, match=r"LSE without gradient.*backend='naive'.*q_offset > 0 or cu_seqlens"
+        RuntimeError, match=r"LSE without gradient.*backend='naive'.*fp32 inputs or cu_seqlens"
     ):
         ((o * do).sum() + lse.sum()).backward()
     _, lse = flash_dense_attention(*leaves, scale=0.25)
@@ -107,16 +122,15 @@ def test_detached_lse_statistic_leaves_the_gradients_alone() -> None:
 
 def test_bad_geometry_names_the_fix() -> None:
     q, k, v, _ = inputs(1, 20, 1, 2, 16, torch.float32, seed=1)
-    with pytest.raises(ValueError, match=r"Tq == Tk.*kernels.ssa.dense_attention"):
-        flash_dense_attention(q[:, 5:], k, v, scale=0.25)
+    with pytest.raises(ValueError, match=r"q_offset 6.*kernels.ssa.dense_attention"):
+        flash_dense_attention(q[:, 5:], k, v, scale=0.25, q_offset=6)
     with pytest.raises(ValueError, match="one dtype"):
         flash_dense_attention(q, k.bfloat16(), v, scale=0.25)
 
 
-def test_routing_keeps_offsets_documents_and_cpu_off_the_flash_path() -> None:
+def test_routing_keeps_documents_and_cpu_off_the_flash_path() -> None:
     q, k, v, _ = inputs(1, 20, 1, 2, 16, torch.bfloat16, seed=1)
     assert not flash_applies(q, k, v, 0, None)  # CPU tensors: the CUDA kernel cannot run them
-    assert not flash_applies(q[:, 4:], k, v, 4, None)
     assert not flash_applies(q, k, v, 0, torch.tensor([0, 7, 20], dtype=torch.int32))
 
 
@@ -134,3 +148,16 @@ def test_gpu_1b_layout_against_fp32_reference() -> None:
     o, lse = ssa.dense_attention(*leaves)
     with pytest.raises(RuntimeError, match="LSE without gradient"):
         ((o.float() * do.float()).sum() + lse.sum()).backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("q_lo", "q_hi"), [(1024, 2048), (3072, 4096), (2000, 2001)])
+def test_gpu_query_offset_against_fp32_reference(q_lo: int, q_hi: int) -> None:
+    # Context-parallel chunks: the flash kernel's causal mask must align to the last key.
+    q, k, v, do = inputs(1, 4096, 2, 16, 64, torch.bfloat16, seed=q_lo, device="cuda")
+    q, do = q[:, q_lo:q_hi].contiguous(), do[:, q_lo:q_hi].contiguous()
+    assert flash_applies(q, k, v, q_lo, None)
+    got = run(lambda *x: ssa.dense_attention(*x, q_offset=q_lo), q, k, v, do)
+    reference = lambda *x: naive.dense_attention(*x, q_offset=q_lo, scale=64**-0.5)
+    want = run(reference, q.float(), k.float(), v.float(), do)
+    compare(got, want, TOL[torch.bfloat16])

@@ -1,15 +1,20 @@
-"""Dense causal attention for whole sequences (q_offset 0, Tq == Tk, no documents) on PyTorch's
-flash-attention ops, which return the LSE.
+"""Dense causal attention without documents (any q_offset) on PyTorch's flash-attention ops, which
+return the LSE.
 
-This is the geometry of every training step without context parallelism or packed documents, and
-there SDPA's flash kernel is 1.5-1.9x faster than FlexAttention (benchmarks/results/
-kernels_h100_20261128.md). The aten flash backward takes no gradient for the LSE, so on this path
+This is the geometry of every training step without packed documents: whole sequences, and a
+context-parallel rank's query chunks at their global offset against the all-gathered keys. There
+SDPA's flash kernel is 1.5-1.9x faster than FlexAttention (benchmarks/results/
+kernels_h100_20261128.md), and it needs no compilation per offset. The flash kernel aligns a
+causal mask with Tq < Tk to the last key (query i sees keys j <= i + Tk - Tq), so queries at
+``[q_offset, q_offset + Tq)`` run against the keys ``[0, q_offset + Tq)``: later keys are never
+attended and are not passed. The aten flash backward takes no gradient for the LSE, so on this path
 the LSE is a statistic only: a gradient that reaches it raises instead of being dropped; the
 FlexAttention / naive paths remain for callers that differentiate through the LSE.
 
 One autograd Function serves CUDA (``_scaled_dot_product_flash_attention``) and CPU
-(``_scaled_dot_product_flash_attention_for_cpu``): the two op pairs have the same semantics, so the
-CPU tests run exactly the layout, GQA and gradient logic the GPU runs. Only arguments present in
+(``_scaled_dot_product_flash_attention_for_cpu``): the two op pairs have the same semantics (the CPU
+op aligns causality to the first key, so for Tq < Tk it gets the last-key-aligned mask explicitly),
+so the CPU tests run exactly the layout, GQA and gradient logic the GPU runs. Only arguments present in
 both torch 2.11 and 2.14 are passed (dropout 0, causal, keyword scale).
 
 The CUDA backward accumulates dQ with atomics, so it is not bitwise reproducible unless
@@ -32,15 +37,16 @@ _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 
 LSE_GRAD_ERROR = (
-    "dense_attention's fast path (q_offset=0, Tq == Tk, no cu_seqlens, on CUDA) returns the LSE "
-    "without gradient, but a gradient reached it; detach the LSE, or take the path that "
-    "differentiates it: backend='naive', or the FlexAttention path (a q_offset > 0 or cu_seqlens)"
+    "dense_attention's fast path (bf16/fp16 on CUDA, no cu_seqlens) returns the LSE without "
+    "gradient, but a gradient reached it; detach the LSE, or take a path that differentiates it: "
+    "backend='naive', or the FlexAttention path (fp32 inputs or cu_seqlens)"
 )
 
 
 @dataclass(frozen=True)
 class _FlashOps:
-    """A forward/backward op pair on ``[B, H, T, D]`` tensors with equal head counts.
+    """A forward/backward op pair on ``[B, H, T, D]`` tensors with equal head counts, causal with the
+    mask aligned to the last key (Tq <= Tk).
 
     ``forward(q, k, v, scale) -> (o, lse [B, H, T] fp32, extra)``; ``extra`` is whatever the
     backward needs besides the tensors (RNG state, sequence bookkeeping).
@@ -67,17 +73,30 @@ def _cuda_backward(
     )
 
 
+def _last_key_aligned_mask(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """Additive mask for the CPU op, whose ``is_causal`` aligns to the first key; None when Tq == Tk."""
+    tq, tk = q.shape[2], k.shape[2]
+    if tq == tk:
+        return None
+    visible = torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]
+    return torch.zeros(tq, tk, dtype=q.dtype).masked_fill(~visible, float("-inf"))
+
+
 def _cpu_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[Any, ...]:
-    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-    return o, lse, ()
+    mask = _last_key_aligned_mask(q, k)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale
+    )
+    return o, lse, (mask,)
 
 
 def _cpu_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
     lse: torch.Tensor, extra: tuple[Any, ...], scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    (mask,) = extra
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        do, q, k, v, o, lse, 0.0, True, scale=scale
+        do, q, k, v, o, lse, 0.0, mask is None, attn_mask=mask, scale=scale
     )
 
 
@@ -145,9 +164,9 @@ class _FlashDenseAttention(torch.autograd.Function):
 def flash_applies(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, cu_seqlens: torch.Tensor | None
 ) -> bool:
-    """Whether the CUDA flash path can run this call: whole sequences, one half dtype, a head_dim
-    the kernel takes, an sm80+ card."""
-    if q_offset != 0 or cu_seqlens is not None or q.shape[1] != k.shape[1]:
+    """Whether the CUDA flash path can run this call: no documents, one half dtype, a head_dim the
+    kernel takes, an sm80+ card."""
+    if cu_seqlens is not None or q_offset < 0 or q_offset + q.shape[1] > k.shape[1]:
         return False
     if not all(x.is_cuda for x in (q, k, v)) or len({q.dtype, k.dtype, v.dtype}) != 1:
         return False
@@ -158,10 +177,11 @@ def flash_applies(
 
 
 def flash_dense_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of ``q [B, T, HQ, D]`` over ``k, v [B, T, H, D]`` (HQ a multiple of H):
-    ``(o [B, T, HQ, D], lse [B, T, HQ] fp32)``. Differentiable in q, k, v; the LSE carries no
+    """Causal attention of ``q [B, Tq, HQ, D]`` at global positions ``[q_offset, q_offset + Tq)`` over
+    ``k, v [B, Tk, H, D]`` (HQ a multiple of H): ``(o [B, Tq, HQ, D], lse [B, Tq, HQ] fp32)``.
+    Differentiable in q, k, v (keys after the last query get zero gradient); the LSE carries no
     gradient (one reaching it raises RuntimeError). CUDA tensors use the CUDA flash ops, CPU
     tensors the CPU ones."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
@@ -169,10 +189,11 @@ def flash_dense_attention(
             f"q, k, v must be [batch, seq, heads, head_dim] with v shaped like k; got "
             f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if q.shape[1] != k.shape[1] or k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+    if q_offset < 0 or q_offset + q.shape[1] > k.shape[1] or k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         raise ValueError(
-            f"the flash path needs Tq == Tk and query heads a multiple of KV heads; got q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)} (use kernels.ssa.dense_attention, which routes other geometries)"
+            f"the flash path needs the queries [q_offset, q_offset + Tq) inside the keys and query heads a "
+            f"multiple of KV heads; got q {tuple(q.shape)}, k {tuple(k.shape)}, q_offset {q_offset} "
+            "(use kernels.ssa.dense_attention, which checks and routes every geometry)"
         )
     if len({q.dtype, k.dtype, v.dtype}) != 1:
         raise ValueError(f"the flash path needs one dtype for q, k, v; got {[q.dtype, k.dtype, v.dtype]}")
@@ -182,4 +203,5 @@ def flash_dense_attention(
             "(kernels.ssa.dense_attention sends fp32 to FlexAttention)"
         )
     ops = CUDA_OPS if q.is_cuda else CPU_OPS
-    return _FlashDenseAttention.apply(q, k, v, float(scale), ops)
+    end = q_offset + q.shape[1]
+    return _FlashDenseAttention.apply(q, k[:, :end], v[:, :end], float(scale), ops)

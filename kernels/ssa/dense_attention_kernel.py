@@ -4,9 +4,9 @@ PyTorch's FlexAttention generates a fused Triton flash-attention kernel for any 
 an LSE that carries gradient, and backward; the mask here is "same document and key position
 <= the query's global position". Compiled on CUDA, eager elsewhere (no CPU backward there).
 Measured on H100 (benchmarks/results/kernels_h100_*.json) it is 1.5-1.9x slower than SDPA's
-causal flash kernel, so kernels.ssa.triton_ops sends whole sequences (q_offset 0, Tq == Tk, no
-documents) to that kernel (dense_attention_flash.py), whose LSE has no gradient; this path serves
-query offsets (context parallelism) and packed documents, and differentiates the LSE.
+causal flash kernel, so kernels.ssa.triton_ops sends everything without documents (whole sequences
+and context-parallel query chunks) to that kernel (dense_attention_flash.py), whose LSE has no
+gradient; this path serves packed documents and fp32, and differentiates the LSE.
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ def _block_mask(
     for start in bounds[1:-1]:
         doc_id[start:] += 1
 
+    # A tensor, not a Python int: torch.compile would specialise (recompile) on every offset.
+    offset = torch.tensor(q_offset, dtype=torch.int32, device=device)
+
     def mask_mod(b: torch.Tensor, h: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
-        qpos = qi + q_offset
+        qpos = qi + offset
         return (ki <= qpos) & (doc_id[qpos] == doc_id[ki])
 
     # _compile builds the block mask blockwise instead of materialising a Tq x Tk boolean mask

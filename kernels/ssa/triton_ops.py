@@ -63,10 +63,10 @@ def dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_offset: int = 0,
     cu_seqlens: torch.Tensor | None = None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    # Whole sequences (every step without CP or documents) take SDPA's flash kernel, 1.5-1.9x faster
-    # than FlexAttention but with an LSE that has no gradient; offsets and documents need Flex's mask.
+    # Without documents (whole sequences and CP query chunks) SDPA's flash kernel is 1.5-1.9x faster
+    # than FlexAttention but its LSE has no gradient; documents (and fp32) need Flex's mask.
     if flash_applies(q, k, v, q_offset, cu_seqlens):
-        return flash_dense_attention(q, k, v, scale=scale)
+        return flash_dense_attention(q, k, v, scale=scale, q_offset=q_offset)
     return flex_dense_attention(q, k, v, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale)
 
 
