@@ -102,7 +102,7 @@ def test_select_blocks_ties_go_to_the_lower_index() -> None:
 # ------------------------------------------------------------------------------------------------
 def check_attention(
     b: int, t: int, h: int, g: int, d: int, bs: int, bc: int, qr: tuple[int, int] | None,
-    bounds: list[int] | None, dtype: torch.dtype, seed: int, sparse: bool = True,
+    bounds: list[int] | None, dtype: torch.dtype, seed: int, sparse: bool = True, lse_grad: bool = True,
 ) -> None:  # fmt: skip
     q, k, v = make(b, t, h, g, d, dtype, seed)
     lo, hi = qr or (0, t)
@@ -123,7 +123,8 @@ def check_attention(
             else:
                 o, lse = ssa.dense_attention(*leaves, backend=backend, **kw)
             if grad:
-                ((o.float() * do.float()).sum() + (lse * dl).sum()).backward()
+                loss = (o.float() * do.float()).sum()
+                (loss + (lse * dl).sum() if lse_grad else loss).backward()
         results.append([o, lse, *(x.grad for x in leaves if grad)])
     for name, got, want in zip(["o", "lse", "dq", "dk", "dv"], *results):
         assert got.shape == want.shape, name
@@ -204,10 +205,12 @@ def test_gpu_realistic_sizes(
     h: int, g: int, d: int, bs: int, bc: int, qr: tuple[int, int] | None, bounds: list[int] | None
 ) -> None:
     check_attention(1, 4096, h, g, d, bs, bc, qr, bounds, torch.bfloat16, seed=bs + g)
-    # Whole sequences go to the flash path, whose LSE has no gradient (tests/test_kernels_dense_flash.py
-    # checks it); an offset keeps the dense check, LSE gradient included, on FlexAttention.
-    dense_qr = qr if qr or bounds else (256, 4096)
-    check_attention(1, 4096, h, g, d, bs, bc, dense_qr, bounds, torch.bfloat16, seed=bs + g, sparse=False)
+    # Without documents the dense path is the flash kernel, whose LSE has no gradient
+    # (tests/test_kernels_dense_flash.py checks the refusal); documents take FlexAttention, LSE gradient
+    # included.
+    check_attention(
+        1, 4096, h, g, d, bs, bc, qr, bounds, torch.bfloat16, seed=bs + g, sparse=False, lse_grad=bool(bounds)
+    )
     # Selection on fp32 inputs: exact apart from genuine near-ties (fp32 rounding of the sums).
     q, k, _ = make(1, 4096, h, g, d, torch.float32, seed=d)
     lo = qr[0] if qr else 0

@@ -99,11 +99,17 @@ class SSARotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.rope_type = (config.rope_scaling or {}).get("rope_type", "default")
-        if self.rope_type not in ROPE_INIT_FUNCTIONS:
+        if self.rope_type == "default":
+            # Plain RoPE is computed here: transformers 5 dropped "default" from ROPE_INIT_FUNCTIONS.
+            exponents = torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim
+            inv_freq, self.attention_factor = 1.0 / (config.rope_theta**exponents), 1.0
+        elif self.rope_type in ROPE_INIT_FUNCTIONS:
+            inv_freq, self.attention_factor = ROPE_INIT_FUNCTIONS[self.rope_type](config, None)
+        else:
             raise ValueError(
-                f"rope_scaling type {self.rope_type!r} is unknown; use one of {sorted(ROPE_INIT_FUNCTIONS)}"
+                f"rope_scaling type {self.rope_type!r} is unknown; use 'default' or one of "
+                f"{sorted(ROPE_INIT_FUNCTIONS)}"
             )
-        inv_freq, self.attention_factor = ROPE_INIT_FUNCTIONS[self.rope_type](config, None)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @torch.no_grad()
