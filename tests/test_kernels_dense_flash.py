@@ -77,6 +77,26 @@ def test_query_offset_matches_naive(t_q: int, q_offset: int, t_k: int, dtype: to
     assert got[3][:, :end].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("t_q", "q_offset", "t_k", "bounds"),
+    [
+        (50, 0, 50, [0, 13, 13, 40, 50]),  # an empty document too
+        (20, 25, 60, [0, 10, 30, 31, 44, 60]),  # a chunk that starts inside a document, keys beyond it
+        (7, 33, 50, [0, 30, 50]),  # one document: the single-segment kernel at an offset into it
+    ],
+)
+def test_documents_match_naive(
+    t_q: int, q_offset: int, t_k: int, bounds: list[int], dtype: torch.dtype
+) -> None:
+    q, k, v, do = inputs(1, t_k, 2, 2, 16, dtype, seed=t_q + len(bounds))
+    q, do = q[:, q_offset : q_offset + t_q].contiguous(), do[:, q_offset : q_offset + t_q].contiguous()
+    kw = {"scale": 0.3, "q_offset": q_offset, "cu_seqlens": torch.tensor(bounds, dtype=torch.int32)}
+    got = run(lambda *x: flash_dense_attention(*x, **kw), q, k, v, do)
+    want = run(lambda *x: naive.dense_attention(*x, **kw), q, k, v, do)
+    compare(got, want, TOL[dtype])
+
+
 def test_strided_inputs_from_a_fused_projection() -> None:
     # Megatron hands attention views of one fused QKV tensor: no stride is the contiguous one.
     b, t, h, g, d = 1, 41, 2, 3, 32
@@ -96,7 +116,7 @@ def test_gradient_through_the_lse_raises_and_names_the_fix() -> None:
     leaves = [x.requires_grad_(True) for x in (q, k, v)]
     o, lse = flash_dense_attention(*leaves, scale=0.25)
     with pytest.raises(
-        RuntimeError, match=r"LSE without gradient.*backend='naive'.*fp32 inputs or cu_seqlens"
+        RuntimeError, match=r"LSE without gradient.*backend='naive'.*fp32 inputs"
     ):
         ((o * do).sum() + lse.sum()).backward()
     _, lse = flash_dense_attention(*leaves, scale=0.25)
@@ -128,10 +148,9 @@ def test_bad_geometry_names_the_fix() -> None:
         flash_dense_attention(q, k.bfloat16(), v, scale=0.25)
 
 
-def test_routing_keeps_documents_and_cpu_off_the_flash_path() -> None:
+def test_routing_keeps_cpu_off_the_cuda_flash_path() -> None:
     q, k, v, _ = inputs(1, 20, 1, 2, 16, torch.bfloat16, seed=1)
-    assert not flash_applies(q, k, v, 0, None)  # CPU tensors: the CUDA kernel cannot run them
-    assert not flash_applies(q, k, v, 0, torch.tensor([0, 7, 20], dtype=torch.int32))
+    assert not flash_applies(q, k, v)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,7 +159,7 @@ def test_routing_keeps_documents_and_cpu_off_the_flash_path() -> None:
 @pytest.mark.gpu
 def test_gpu_1b_layout_against_fp32_reference() -> None:
     q, k, v, do = inputs(1, 4096, 2, 16, 64, torch.bfloat16, seed=17, device="cuda")
-    assert flash_applies(q, k, v, 0, None)
+    assert flash_applies(q, k, v)
     got = run(lambda *x: ssa.dense_attention(*x), q, k, v, do)  # backend "auto": the routing under test
     want = run(lambda *x: naive.dense_attention(*x, scale=64**-0.5), q.float(), k.float(), v.float(), do)
     compare(got, want, TOL[torch.bfloat16])
@@ -156,8 +175,21 @@ def test_gpu_query_offset_against_fp32_reference(q_lo: int, q_hi: int) -> None:
     # Context-parallel chunks: the flash kernel's causal mask must align to the last key.
     q, k, v, do = inputs(1, 4096, 2, 16, 64, torch.bfloat16, seed=q_lo, device="cuda")
     q, do = q[:, q_lo:q_hi].contiguous(), do[:, q_lo:q_hi].contiguous()
-    assert flash_applies(q, k, v, q_lo, None)
+    assert flash_applies(q, k, v)
     got = run(lambda *x: ssa.dense_attention(*x, q_offset=q_lo), q, k, v, do)
     reference = lambda *x: naive.dense_attention(*x, q_offset=q_lo, scale=64**-0.5)
+    want = run(reference, q.float(), k.float(), v.float(), do)
+    compare(got, want, TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("q_lo", "q_hi"), [(0, 4096), (1500, 3500)])
+def test_gpu_documents_against_fp32_reference(q_lo: int, q_hi: int) -> None:
+    # The varlen kernel: documents (one empty) seen from a whole row and from a context-parallel chunk.
+    q, k, v, do = inputs(1, 4096, 2, 16, 64, torch.bfloat16, seed=q_hi, device="cuda")
+    q, do = q[:, q_lo:q_hi].contiguous(), do[:, q_lo:q_hi].contiguous()
+    kw = {"q_offset": q_lo, "cu_seqlens": torch.tensor([0, 700, 700, 2222, 2223, 4096], device="cuda").int()}
+    got = run(lambda *x: ssa.dense_attention(*x, **kw), q, k, v, do)
+    reference = lambda *x: naive.dense_attention(*x, **kw, scale=64**-0.5)
     want = run(reference, q.float(), k.float(), v.float(), do)
     compare(got, want, TOL[torch.bfloat16])

@@ -168,10 +168,10 @@ def dense_attention(
     """Causal attention of queries at global positions ``[q_offset, q_offset + Tq)`` over keys
     ``[0, Tk)`` (within each document): ``(o, lse fp32)``; differentiable in q, k, v.
 
-    The LSE is differentiable except on the CUDA fast path: without ``cu_seqlens`` (any
-    ``q_offset``), fp16/bf16 run PyTorch's flash kernel, whose LSE has no gradient, and a gradient
-    that reaches that LSE raises RuntimeError (detach it, as the sparsity statistic does). Packed
-    documents and fp32 (FlexAttention) and ``backend="naive"`` give the LSE its full gradient."""
+    The LSE is differentiable except on the CUDA fast path: fp16/bf16 (any ``q_offset``, packed
+    documents included) run PyTorch's flash kernel, whose LSE has no gradient, and a gradient that
+    reaches that LSE raises RuntimeError (detach it, as the sparsity statistic does). fp32
+    (FlexAttention) and ``backend="naive"`` give the LSE its full gradient."""
     check_qkv(q, k, v, q_offset)
     doc_bounds(cu_seqlens, q.shape[0], k.shape[1])
     scale = resolve_scale(scale, q.shape[-1])

@@ -1,33 +1,37 @@
-"""Dense causal attention without documents (any q_offset) on PyTorch's flash-attention ops, which
-return the LSE.
+"""Dense causal attention on PyTorch's flash-attention ops, which return the LSE: any query offset,
+packed documents included.
 
-This is the geometry of every training step without packed documents: whole sequences, and a
-context-parallel rank's query chunks at their global offset against the all-gathered keys. There
-SDPA's flash kernel is 1.5-1.9x faster than FlexAttention (benchmarks/results/
-kernels_h100_20261128.md), and it needs no compilation per offset. The flash kernel aligns a
-causal mask with Tq < Tk to the last key (query i sees keys j <= i + Tk - Tq), so queries at
-``[q_offset, q_offset + Tq)`` run against the keys ``[0, q_offset + Tq)``: later keys are never
-attended and are not passed. The aten flash backward takes no gradient for the LSE, so on this path
-the LSE is a statistic only: a gradient that reaches it raises instead of being dropped; the
-FlexAttention / naive paths remain for callers that differentiate through the LSE.
+This covers every training step: whole sequences, a context-parallel rank's query chunks at their
+global offset against the all-gathered keys, and document-causal rows. SDPA's flash kernel is
+1.5-1.9x faster than FlexAttention (benchmarks/results/kernels_h100_20261128.md) and compiles
+nothing per geometry. The flash kernel aligns a causal mask with Tq < Tk to the last key (query i
+sees keys j <= i + Tk - Tq), so each document's queries ``[lo, hi)`` (global positions) run against
+its keys ``[doc_start, hi)``: later keys are never attended and are not passed. Documents go to the
+variable-length kernel as consecutive (query segment, key segment) pairs.
 
-One autograd Function serves CUDA (``_scaled_dot_product_flash_attention``) and CPU
-(``_scaled_dot_product_flash_attention_for_cpu``): the two op pairs have the same semantics (the CPU
-op aligns causality to the first key, so for Tq < Tk it gets the last-key-aligned mask explicitly),
-so the CPU tests run exactly the layout, GQA and gradient logic the GPU runs. Only arguments present in
-both torch 2.11 and 2.14 are passed (dropout 0, causal, keyword scale).
+One autograd Function serves CUDA and CPU. CUDA: ``_scaled_dot_product_flash_attention`` for one
+segment (any batch), ``_flash_attention_forward`` (varlen) for several. CPU:
+``_scaled_dot_product_flash_attention_for_cpu`` with the same mask given explicitly (that op aligns
+``is_causal`` to the first key and has no varlen form), so the CPU tests run the layout, GQA,
+segment bookkeeping and gradient logic the GPU runs. Only arguments present in both torch 2.11
+and 2.14 are passed (dropout 0, causal, keyword scale).
 
-The CUDA backward accumulates dQ with atomics, so it is not bitwise reproducible unless
-``torch.use_deterministic_algorithms(True)`` is set (PyTorch then runs its deterministic variant).
+The aten flash backward takes no gradient for the LSE, so here the LSE is a statistic only: a
+gradient that reaches it raises instead of being dropped; FlexAttention (fp32) and the naive path
+differentiate it. The CUDA backward accumulates dQ with atomics, so it is not bitwise reproducible
+unless ``torch.use_deterministic_algorithms(True)`` is set (PyTorch then runs its deterministic
+variant).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from kernels.ssa._common import doc_bounds
 
 __all__ = ["flash_applies", "flash_dense_attention"]
 
@@ -37,88 +41,124 @@ _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 
 LSE_GRAD_ERROR = (
-    "dense_attention's fast path (bf16/fp16 on CUDA, no cu_seqlens) returns the LSE without "
-    "gradient, but a gradient reached it; detach the LSE, or take a path that differentiates it: "
-    "backend='naive', or the FlexAttention path (fp32 inputs or cu_seqlens)"
+    "dense_attention's fast path (bf16/fp16 on CUDA) returns the LSE without gradient, but a "
+    "gradient reached it; detach the LSE, or take a path that differentiates it: backend='naive', "
+    "or fp32 inputs (FlexAttention)"
 )
 
 
 @dataclass(frozen=True)
-class _FlashOps:
-    """A forward/backward op pair on ``[B, H, T, D]`` tensors with equal head counts, causal with the
-    mask aligned to the last key (Tq <= Tk).
+class _Segments:
+    """Which keys each query attends: the keys ``[key_start, key_end)`` are passed, cut into one
+    segment per document that has queries here; query segment i (``q_lens[i]`` consecutive rows)
+    attends key segment i (``k_lens[i]`` keys) causally, aligned to the segment's last key."""
 
-    ``forward(q, k, v, scale) -> (o, lse [B, H, T] fp32, extra)``; ``extra`` is whatever the
-    backward needs besides the tensors (RNG state, sequence bookkeeping).
-    ``backward(do, q, k, v, o, lse, extra, scale) -> (dq, dk, dv)``.
-    """
+    key_start: int
+    key_end: int
+    q_lens: tuple[int, ...]
+    k_lens: tuple[int, ...]
 
-    forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[Any, ...]]
-    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    def cumulative(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """FlashAttention's ``cu_seqlens_q``, ``cu_seqlens_k`` (int32, leading 0)."""
+        cu = [torch.tensor((0, *lens), dtype=torch.int32).cumsum(0, dtype=torch.int32) for lens in
+              (self.q_lens, self.k_lens)]  # fmt: skip
+        return cu[0].to(device), cu[1].to(device)
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The same visibility as an additive ``[Tq, Tk]`` mask (for the CPU op)."""
+        seg_q = torch.repeat_interleave(torch.arange(len(self.q_lens)), torch.tensor(self.q_lens))
+        seg_k = torch.repeat_interleave(torch.arange(len(self.k_lens)), torch.tensor(self.k_lens))
+        q_pos = self.key_end - sum(self.q_lens) + torch.arange(seg_q.numel())
+        k_pos = self.key_start + torch.arange(seg_k.numel())
+        visible = (seg_q[:, None] == seg_k[None, :]) & (k_pos[None, :] <= q_pos[:, None])
+        return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf"))
 
 
-def _cuda_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[Any, ...]:
-    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
-    o, lse, cum_q, cum_k, max_q, max_k, rng_state, rng_unused = out[:8]
-    return o, lse, (cum_q, cum_k, max_q, max_k, rng_state, rng_unused)
+def _segments(cu_seqlens: torch.Tensor | None, q_offset: int, q_len: int, k_len: int) -> _Segments:
+    q_end = q_offset + q_len
+    if cu_seqlens is None:
+        return _Segments(0, q_end, (q_len,), (q_end,))
+    bounds = doc_bounds(cu_seqlens, 1, k_len)
+    docs = [(s, min(e, q_end)) for s, e in itertools.pairwise(bounds) if min(e, q_end) > max(s, q_offset)]
+    return _Segments(
+        key_start=docs[0][0],
+        key_end=q_end,
+        q_lens=tuple(hi - max(s, q_offset) for s, hi in docs),
+        k_lens=tuple(hi - s for s, hi in docs),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# the op pairs: [B, T, H, D] tensors with equal head counts (K/V already expanded over the group);
+# forward -> (o [B, Tq, H, D], lse [B, H, Tq] fp32, saved lse, extra), backward -> (dq, dk, dv)
+# ------------------------------------------------------------------------------------------------
+def _cuda_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, seg: _Segments) -> tuple:
+    if len(seg.q_lens) == 1:
+        # A transposed view of [B, T, H, D] memory is the layout the kernel reads natively.
+        out = torch.ops.aten._scaled_dot_product_flash_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, True, False, scale=scale
+        )
+        o, lse, *extra = out[:8]
+        return o.transpose(1, 2), lse[..., : q.shape[1]], lse, tuple(extra)
+    cu_q, cu_k = seg.cumulative(q.device)
+    max_q, max_k = max(seg.q_lens), max(seg.k_lens)
+    o, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+        q[0], k[0], v[0], cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
+    )
+    return o.unsqueeze(0), lse.unsqueeze(0), lse, (cu_q, cu_k, max_q, max_k, seed, offset)
 
 
 def _cuda_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-    lse: torch.Tensor, extra: tuple[Any, ...], scale: float,
+    lse: torch.Tensor, extra: tuple, scale: float, seg: _Segments,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    cum_q, cum_k, max_q, max_k, rng_state, rng_unused = extra
-    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        do, q, k, v, o, lse, cum_q, cum_k, max_q, max_k, 0.0, True, rng_state, rng_unused, scale=scale
+    cu_q, cu_k, max_q, max_k, seed, offset = extra
+    if len(seg.q_lens) == 1:
+        t = (x.transpose(1, 2) for x in (do, q, k, v, o))
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            *t, lse, cu_q, cu_k, max_q, max_k, 0.0, True, seed, offset, scale=scale
+        )
+        return tuple(g.transpose(1, 2) for g in grads)
+    grads = torch.ops.aten._flash_attention_backward(
+        do[0], q[0], k[0], v[0], o[0], lse, cu_q, cu_k, max_q, max_k, 0.0, True, seed, offset, scale=scale
     )
+    return tuple(g.unsqueeze(0) for g in grads)
 
 
-def _last_key_aligned_mask(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-    """Additive mask for the CPU op, whose ``is_causal`` aligns to the first key; None when Tq == Tk."""
-    tq, tk = q.shape[2], k.shape[2]
-    if tq == tk:
-        return None
-    visible = torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]
-    return torch.zeros(tq, tk, dtype=q.dtype).masked_fill(~visible, float("-inf"))
-
-
-def _cpu_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[Any, ...]:
-    mask = _last_key_aligned_mask(q, k)
+def _cpu_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, seg: _Segments) -> tuple:
+    mask = seg.mask(q.dtype)
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=mask, scale=scale
     )
-    return o, lse, (mask,)
+    return o.transpose(1, 2), lse, lse, (mask,)
 
 
 def _cpu_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-    lse: torch.Tensor, extra: tuple[Any, ...], scale: float,
+    lse: torch.Tensor, extra: tuple, scale: float, seg: _Segments,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     (mask,) = extra
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        do, q, k, v, o, lse, 0.0, mask is None, attn_mask=mask, scale=scale
+    t = (x.transpose(1, 2) for x in (do, q, k, v, o))
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        *t, lse, 0.0, False, attn_mask=mask, scale=scale
     )
+    return tuple(g.transpose(1, 2) for g in grads)
 
 
-CUDA_OPS = _FlashOps(_cuda_forward, _cuda_backward)
-CPU_OPS = _FlashOps(_cpu_forward, _cpu_backward)
+_OPS = {True: (_cuda_forward, _cuda_backward), False: (_cpu_forward, _cpu_backward)}
 
 
-def _heads_first(x: torch.Tensor, group: int) -> torch.Tensor:
-    """``[B, T, H, D]`` -> ``[B, H*group, T, D]`` with KV head h repeated for query heads
-    ``h*group .. h*group + group - 1`` (the ``hq // G`` mapping)."""
+def _expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``[B, T, H, D]`` -> ``[B, T, H*group, D]`` with KV head h repeated for query heads
+    ``h*group .. h*group + group - 1`` (the ``hq // G`` mapping), unit stride in D."""
     if group > 1:
         b, t, h, d = x.shape
-        x = x.unsqueeze(3).expand(b, t, h, group, d).reshape(b, t, h * group, d)
-    elif x.stride(-1) != 1:
-        x = x.contiguous()
-    # A transposed view of [B, T, H, D] memory is the layout both flash kernels read natively.
-    return x.transpose(1, 2)
+        return x.unsqueeze(3).expand(b, t, h, group, d).reshape(b, t, h * group, d)
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _group_sum(dx: torch.Tensor, group: int) -> torch.Tensor:
-    """``[B, H*group, T, D]`` gradient of the expanded K/V -> ``[B, T, H, D]``."""
-    dx = dx.transpose(1, 2)
+    """``[B, T, H*group, D]`` gradient of the expanded K/V -> ``[B, T, H, D]``."""
     if group == 1:
         return dx
     return dx.unflatten(2, (dx.shape[2] // group, group)).sum(dim=3)
@@ -127,16 +167,17 @@ def _group_sum(dx: torch.Tensor, group: int) -> torch.Tensor:
 class _FlashDenseAttention(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ops: _FlashOps
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, seg: _Segments
     ) -> tuple[torch.Tensor, torch.Tensor]:
         group = q.shape[2] // k.shape[2]
-        qh = _heads_first(q, 1)
-        o, lse, extra = ops.forward(qh, _heads_first(k, group), _heads_first(v, group), scale)
+        forward, _ = _OPS[q.is_cuda]
+        q = _expand_heads(q, 1)
+        o, lse, saved_lse, extra = forward(q, _expand_heads(k, group), _expand_heads(v, group), scale, seg)
         # K/V are saved unexpanded and re-expanded in backward: G x less activation memory.
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.extra, ctx.scale, ctx.ops, ctx.group = extra, scale, ops, group
+        ctx.save_for_backward(q, k, v, o, saved_lse)
+        ctx.extra, ctx.scale, ctx.seg, ctx.group = extra, scale, seg, group
         ctx.set_materialize_grads(False)
-        return o.transpose(1, 2), lse[..., : q.shape[1]].float().transpose(1, 2)
+        return o, lse.float().transpose(1, 2)
 
     @staticmethod
     def backward(
@@ -148,26 +189,17 @@ class _FlashDenseAttention(torch.autograd.Function):
             return None, None, None, None, None
         q, k, v, o, lse = ctx.saved_tensors
         group = ctx.group
-        dq, dk, dv = ctx.ops.backward(
-            do.contiguous().transpose(1, 2),
-            _heads_first(q, 1),
-            _heads_first(k, group),
-            _heads_first(v, group),
-            o,
-            lse,
-            ctx.extra,
-            ctx.scale,
-        )
-        return dq.transpose(1, 2), _group_sum(dk, group), _group_sum(dv, group), None, None
+        _, backward = _OPS[q.is_cuda]
+        dq, dk, dv = backward(
+            do.contiguous(), q, _expand_heads(k, group), _expand_heads(v, group), o, lse, ctx.extra,
+            ctx.scale, ctx.seg,
+        )  # fmt: skip
+        return dq, _group_sum(dk, group), _group_sum(dv, group), None, None
 
 
-def flash_applies(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, cu_seqlens: torch.Tensor | None
-) -> bool:
-    """Whether the CUDA flash path can run this call: no documents, one half dtype, a head_dim the
-    kernel takes, an sm80+ card."""
-    if cu_seqlens is not None or q_offset < 0 or q_offset + q.shape[1] > k.shape[1]:
-        return False
+def flash_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the CUDA flash path can run this call: one half dtype, a head_dim the kernel
+    takes, an sm80+ card (geometry is never a reason: every offset and document layout runs)."""
     if not all(x.is_cuda for x in (q, k, v)) or len({q.dtype, k.dtype, v.dtype}) != 1:
         return False
     d = q.shape[-1]
@@ -177,13 +209,14 @@ def flash_applies(
 
 
 def flash_dense_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Causal attention of ``q [B, Tq, HQ, D]`` at global positions ``[q_offset, q_offset + Tq)`` over
-    ``k, v [B, Tk, H, D]`` (HQ a multiple of H): ``(o [B, Tq, HQ, D], lse [B, Tq, HQ] fp32)``.
-    Differentiable in q, k, v (keys after the last query get zero gradient); the LSE carries no
-    gradient (one reaching it raises RuntimeError). CUDA tensors use the CUDA flash ops, CPU
-    tensors the CPU ones."""
+    ``k, v [B, Tk, H, D]`` (HQ a multiple of H), within each document of ``cu_seqlens`` (batch 1):
+    ``(o [B, Tq, HQ, D], lse [B, Tq, HQ] fp32)``. Differentiable in q, k, v (keys no query attends
+    get zero gradient); the LSE carries no gradient (one reaching it raises RuntimeError). CUDA
+    tensors use the CUDA flash ops, CPU tensors the CPU ones."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(
             f"q, k, v must be [batch, seq, heads, head_dim] with v shaped like k; got "
@@ -202,6 +235,6 @@ def flash_dense_attention(
             f"the CUDA flash kernel takes fp16 or bf16; got {q.dtype} "
             "(kernels.ssa.dense_attention sends fp32 to FlexAttention)"
         )
-    ops = CUDA_OPS if q.is_cuda else CPU_OPS
-    end = q_offset + q.shape[1]
-    return _FlashDenseAttention.apply(q, k[:, :end], v[:, :end], float(scale), ops)
+    seg = _segments(cu_seqlens, q_offset, q.shape[1], k.shape[1])
+    keys = slice(seg.key_start, seg.key_end)
+    return _FlashDenseAttention.apply(q, k[:, keys], v[:, keys], float(scale), seg)

@@ -63,10 +63,10 @@ def dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_offset: int = 0,
     cu_seqlens: torch.Tensor | None = None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    # Without documents (whole sequences and CP query chunks) SDPA's flash kernel is 1.5-1.9x faster
-    # than FlexAttention but its LSE has no gradient; documents (and fp32) need Flex's mask.
-    if flash_applies(q, k, v, q_offset, cu_seqlens):
-        return flash_dense_attention(q, k, v, scale=scale, q_offset=q_offset)
+    # SDPA's flash kernel is 1.5-1.9x faster than FlexAttention but takes only half types, and its
+    # LSE has no gradient; fp32 goes to Flex.
+    if flash_applies(q, k, v):
+        return flash_dense_attention(q, k, v, scale=scale, q_offset=q_offset, cu_seqlens=cu_seqlens)
     return flex_dense_attention(q, k, v, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale)
 
 
