@@ -205,12 +205,11 @@ def test_gpu_realistic_sizes(
     h: int, g: int, d: int, bs: int, bc: int, qr: tuple[int, int] | None, bounds: list[int] | None
 ) -> None:
     check_attention(1, 4096, h, g, d, bs, bc, qr, bounds, torch.bfloat16, seed=bs + g)
-    # Without documents the dense path is the flash kernel, whose LSE has no gradient
-    # (tests/test_kernels_dense_flash.py checks the refusal); documents take FlexAttention, LSE gradient
-    # included.
-    check_attention(
-        1, 4096, h, g, d, bs, bc, qr, bounds, torch.bfloat16, seed=bs + g, sparse=False, lse_grad=bool(bounds)
-    )
+    # Half precision takes the flash kernels, whose LSE has no gradient (tests/test_kernels_dense_flash.py
+    # checks the refusal); fp32 takes FlexAttention, LSE gradient included.
+    layout = (1, 4096, h, g, d, bs, bc, qr, bounds)
+    check_attention(*layout, torch.bfloat16, seed=bs + g, sparse=False, lse_grad=False)
+    check_attention(*layout, torch.float32, seed=bs + g, sparse=False)
     # Selection on fp32 inputs: exact apart from genuine near-ties (fp32 rounding of the sums).
     q, k, _ = make(1, 4096, h, g, d, torch.float32, seed=d)
     lo = qr[0] if qr else 0
