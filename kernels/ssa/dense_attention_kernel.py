@@ -32,11 +32,8 @@ def _block_mask(
     for start in bounds[1:-1]:
         doc_id[start:] += 1
 
-    # A tensor, not a Python int: torch.compile would specialise (recompile) on every offset.
-    offset = torch.tensor(q_offset, dtype=torch.int32, device=device)
-
     def mask_mod(b: torch.Tensor, h: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
-        qpos = qi + offset
+        qpos = qi + q_offset
         return (ki <= qpos) & (doc_id[qpos] == doc_id[ki])
 
     # _compile builds the block mask blockwise instead of materialising a Tq x Tk boolean mask
