@@ -131,6 +131,10 @@ def test_fused_adamw_resumes_bit_exactly(tmp_path: Path) -> None:
     (r,) = run_distributed(_resume, world_size=1, args=(str(tmp_path / "ckpt"),))
     # Megatron groups the params by weight decay into a ChainedOptimizer of torch AdamWs.
     assert r["built"]["optimizers"] >= 1 and r["built"]["flags"] == {(True, False)}
+    # The state exists before the first step (megatron's distributed optimizer reads the step from it
+    # when a checkpoint is loaded into a fresh optimizer).
+    assert r["built"]["step_values"] == {0.0} and r["built"]["step_on_param_device_fp32"]
+    assert r["built"]["distinct_step_tensors"]
     assert r["fused_kernel_ran"]
     assert r["after_steps"]["step_values"] == {2.0}
     assert r["after_steps"]["step_on_param_device_fp32"] and r["after_steps"]["distinct_step_tensors"]

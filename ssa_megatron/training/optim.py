@@ -71,6 +71,7 @@ def build_optimizer(cfg: TrainConfig, model: list[DistributedDataParallel]) -> M
     optimizer = get_megatron_optimizer(optimizer_config(cfg), model)
     for inner in torch_adam_optimizers(optimizer):
         use_fused_adam(inner)
+        create_adam_state(inner)
     return optimizer
 
 
@@ -93,6 +94,23 @@ def use_fused_adam(optimizer: torch.optim.Adam) -> None:
     """
     _set_fused_flags(optimizer)
     optimizer.register_load_state_dict_post_hook(_after_load)
+
+
+def create_adam_state(optimizer: torch.optim.Adam) -> None:
+    """Create the state torch would create at the first step (zero moments, a float32 step 0 on the
+    param's device, as the fused kernel keeps it).
+
+    Without TE/Apex, megatron's DistributedOptimizer.state_dict() reads the iteration from the torch
+    state and asserts there is exactly one value, so loading a checkpoint into a fresh optimizer,
+    which has no state yet, would fail; with the state in place it loads into it.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _set_fused_flags(optimizer: torch.optim.Optimizer) -> None:
