@@ -55,25 +55,39 @@ def _save(engine, root: str, iteration: int) -> None:
     )
 
 
-def _load_fresh(root: str):
+def _engine_cfg(device: str):
+    cfg = _cfg(seed=1)
+    if device == "cuda":
+        # The GPU default: bf16 with megatron's distributed optimizer (fp32 master weights).
+        cfg.train.device, cfg.train.precision, cfg.parallel.distributed_optimizer = "cuda", "bf16", True
+    return cfg
+
+
+def _load_fresh(root: str, device: str = "cpu"):
     from ssa_megatron.training import checkpoint as ckpt
     from ssa_megatron.training.runner import build_engine
 
-    engine = build_engine(_cfg(seed=1), 128, torch.device("cpu"))
+    engine = build_engine(_engine_cfg(device), 128, torch.device(device))
     ckpt.load_checkpoint(
         ckpt.resolve_checkpoint("auto", root), engine.model, engine.optimizer, engine.scheduler
     )
     return engine
 
 
-def _resume(rank: int, world: int, root: str) -> dict:
+def _resume(rank: int, world: int, root: str, device: str = "cpu", port: int = 0) -> dict:
     from ssa_megatron.parallel import destroy_parallel
     from ssa_megatron.training.runner import build_engine
 
+    if device == "cuda":
+        # The harness's gloo group cannot run the distributed optimizer's collectives on CUDA tensors.
+        torch.distributed.destroy_process_group()
+        torch.cuda.set_device(rank)
+        torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                             world_size=world)  # fmt: skip
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(3)
     batches = [_random_batch(gen) for _ in range(4)]
-    full = build_engine(_cfg(seed=1), 128, torch.device("cpu"))
+    full = build_engine(_engine_cfg(device), 128, torch.device(device))
     built = _fused_state(full)
     ops = _steps(full, batches[:2], 1)
     after_steps = _fused_state(full)
@@ -82,7 +96,7 @@ def _resume(rank: int, world: int, root: str) -> dict:
     expected = _params(full)
     destroy_parallel()
 
-    resumed = _load_fresh(root)
+    resumed = _load_fresh(root, device)
     loaded = _fused_state(resumed)
     resumed_ops = _steps(resumed, batches[2:], 3)
     got = _params(resumed)
@@ -142,6 +156,19 @@ def test_fused_adamw_resumes_bit_exactly(tmp_path: Path) -> None:
     assert r["loaded"]["flags"] == {(True, False)} and r["loaded"]["step_values"] == {2.0}
     assert r["loaded"]["step_on_param_device_fp32"] and r["loaded"]["distinct_step_tensors"]
     assert r["fused_kernel_ran_after_load"]
+    assert r["bitwise"]
+
+
+@pytest.mark.gpu
+def test_gpu_distributed_optimizer_resumes_bit_exactly(tmp_path: Path) -> None:
+    # bf16 + megatron's DistributedOptimizer (the GPU default), whose load path reads the step from
+    # the torch state; the profiler's CPU activity still records the fused op's dispatch.
+    from tests.distributed import free_port
+
+    (r,) = run_distributed(_resume, world_size=1, args=(str(tmp_path / "ckpt"), "cuda", free_port()))
+    assert r["built"]["flags"] == {(True, False)} and r["loaded"]["flags"] == {(True, False)}
+    assert r["loaded"]["step_values"] == {2.0} and r["loaded"]["step_on_param_device_fp32"]
+    assert r["fused_kernel_ran"] and r["fused_kernel_ran_after_load"]
     assert r["bitwise"]
 
 
