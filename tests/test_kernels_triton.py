@@ -88,6 +88,50 @@ def test_select_blocks_exact(
     check_selection(b, t, h, g, 64, bs, bc, qr, bounds, dtype, seed=t + 7 * g + bc)
 
 
+def _shaped_keys(k: torch.Tensor, q: torch.Tensor, kind: str, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys (and queries) that stress the running top-k across many 32-block tiles."""
+    t, d = k.shape[1], k.shape[3]
+    if kind == "all_equal":  # every block key, hence every score, ties: the lowest indices win
+        return q, k[:, :bs].repeat(1, -(-t // bs), 1, 1)[:, :t].contiguous()
+    if kind == "few_values":  # block keys drawn from three blocks: many exact ties
+        pos = torch.arange(t, device=k.device)
+        return q, k[:, (pos // bs) % 3 * bs + pos % bs].contiguous()
+    # Queries lean towards u and the keys' u-component ramps with position: each new tile displaces
+    # the whole list ("rising", the most insertions) or none of it ("falling").
+    u = torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(0)), dim=0)
+    ramp = torch.arange(t) / t
+    ramp = (ramp if kind == "rising" else 1 - ramp).view(1, t, 1, 1).to(k)
+    return q + 3 * u.to(q), 0.2 * k + 4 * ramp * u.to(k)
+
+
+@pytest.mark.parametrize(
+    ("kind", "h", "g", "bc", "qr", "bounds", "dtype"),
+    [
+        ("random", 1, 3, 16, (1000, 1100), None, torch.float32),
+        ("random", 2, 16, 4, (1030, 1100), [0, 40, 1100], torch.bfloat16),
+        ("all_equal", 2, 3, 4, (1050, 1100), None, torch.float32),
+        ("few_values", 1, 2, 9, (900, 1100), None, torch.float32),
+        ("rising", 1, 3, 16, (1000, 1100), None, torch.float32),
+        ("falling", 1, 1, 5, (1000, 1100), [0, 100, 1100], torch.float32),
+    ],
+)
+def test_select_blocks_across_many_tiles(
+    kind: str, h: int, g: int, bc: int, qr: tuple[int, int], bounds: list[int] | None, dtype: torch.dtype
+) -> None:
+    # ~65 candidate blocks: the running top-k carries over several tiles, through ties and trends.
+    q, k, _ = make(1, 1100, h, g, 32, torch.float32, seed=len(kind) + bc)
+    q, k = _shaped_keys(k, q, kind, 16)
+    q, k = q[:, qr[0] : qr[1]].to(dtype), k.to(dtype)
+    kblock = ssa.block_keys(k, 16, cu_seqlens=cu(bounds), backend="naive")
+    kw = {"q_offset": qr[0], "cu_seqlens": cu(bounds)}
+    with poisoned_outputs():
+        got = ssa.select_blocks(q, kblock, 16, bc, backend="triton", **kw)
+    want = ssa.select_blocks(q, kblock, 16, bc, backend="naive", **kw)
+    assert torch.equal(got, want), (got != want).nonzero()[:5]
+    if kind == "all_equal":
+        assert torch.equal(got[0, :, :, : bc - 1].unique(), torch.arange(bc - 1, dtype=got.dtype))
+
+
 def test_select_blocks_ties_go_to_the_lower_index() -> None:
     q, k, _ = make(1, 96, 1, 3, 64, torch.float32, seed=1)
     k[:, 32:48] = k[:, 0:16]  # blocks 0 and 2 identical: equal scores for every query

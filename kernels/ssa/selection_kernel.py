@@ -5,13 +5,19 @@ G query heads of the group stacked as rows (BT * GP rows, GP = G padded to a pow
 each block-key tile is loaded once per group and scored with one tensor-core product.
 Pass 1 computes each row's log-sum-exp over the blocks complete at its position; pass 2
 recomputes the logits, turns them into probabilities, sums them over the group and keeps a
-running top-KP per query. Nothing of size T x NB ever reaches memory.
+running top-(BC-1) per query. Nothing of size T x NB ever reaches memory.
 
 Exact, deterministic ranking: a candidate's score (a non-negative fp32) and its block index are
-packed into one int64 key, (score bits << 32) | (2^31 - 1 - j), so one integer sort orders by
-score and, on equal scores, puts the lower block index first. The running top-KP list is
-merged with each tile's top-KP by the bitonic rule: for A sorted descending and B ascending,
-max(A_i, B_i) is exactly the top-KP multiset of A and B.
+packed into one int64 key, (score bits << 32) | (2^31 - 1 - j), so integer order is score order
+with the lower block index first on equal scores, and keys are unique.
+
+The running top-(BC-1) is kept unsorted, its minimum is a threshold: a tile's keys at or below a
+row's threshold can never enter (the threshold only rises), and the survivors are inserted largest
+first, each replacing the row's minimum. Streaming "insert if larger than the minimum, evict the
+minimum" ends at the exact top-(BC-1) set in any insertion order. Once the lists fill up, most
+tiles have no survivor in any row and cost only the scoring; sorting every tile instead (a
+bitonic sort of BT x BN keys plus a merge) was 2.1-2.2x slower at 64k tokens on an H200
+(benchmarks/results/README.md).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from kernels.ssa import _alloc
 from kernels.ssa._plan import Plan, next_pow2, query_tiles
 
 LOG2E = 1.4426950408889634
+# Slots at or beyond BC-1 hold this, so they are never a row's minimum.
+_DEAD_SLOT = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 
 
 def exact_dots(dtype: torch.dtype) -> bool:
@@ -95,11 +103,15 @@ def _select_kernel(
         m = m_new
     lse = tl.where(acc > 0, m + tl.log2(tl.maximum(acc, 1e-30)), 0.0)
 
-    # Pass 2: group-summed probabilities of the candidates, merged into a running top-KP.
+    # Pass 2: the group-summed scores of each tile feed an unsorted running top-(BC-1) per query.
     t_vec = tl.arange(0, BT)
     t_ok = q0 + t_vec < q1
     own_t = (q_offset + q0 + t_vec - doc) // BS
-    run = tl.full([BT, KP], -1, tl.int64)
+    slot = tl.arange(0, KP)
+    live_slot = slot[None, :] < BC - 1
+    # -1 marks an empty live slot (every real key is >= 0); dead slots never hold the minimum.
+    run = tl.where(live_slot, tl.full([BT, KP], -1, tl.int64), tl.full([BT, KP], _DEAD_SLOT, tl.int64))
+    thr = tl.full([BT], -1, tl.int64)
     for n0 in range(0, own_max, BN):
         n = n0 + cols
         kb = tl.load(kb_base + n[:, None] * skb_n + d[None, :], mask=(n < own_max)[:, None], other=0.0)
@@ -108,14 +120,21 @@ def _select_kernel(
         p = tl.where(live, tl.exp2(s - lse[:, None]), 0.0)
         score = tl.sum(tl.reshape(p, [BT, GP, BN]), 1)
         key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0x7FFFFFFF - n).to(tl.int64)[None, :]
-        key = tl.where((n[None, :] < own_t[:, None]) & t_ok[:, None], key, -1)
-        key = tl.sort(key, dim=1)
-        top = tl.max(tl.reshape(key, [BT, BN // KP, KP]), 1)
-        run = tl.sort(tl.maximum(run, top), dim=1, descending=True)
+        # Only keys above the row's minimum can enter its list (non-candidates become -1 <= thr).
+        key = tl.where((n[None, :] < own_t[:, None]) & t_ok[:, None] & (key > thr[:, None]), key, -1)
+        best = tl.max(key, 1)
+        # The trip count is the most insertions any row of the tile needs: 0 once the lists settle.
+        while tl.max(best, 0) >= 0:
+            # The lowest slot holding the row minimum (empty slots all hold -1).
+            at = tl.min(tl.where(run == thr[:, None], slot[None, :], KP), 1)
+            run = tl.where((slot[None, :] == at[:, None]) & (best[:, None] >= 0), best[:, None], run)
+            thr = tl.min(run, 1)
+            # Drop the key just taken (keys are unique) and every key the raised threshold excludes.
+            key = tl.where((key > thr[:, None]) & (key != best[:, None]), key, -1)
+            best = tl.max(key, 1)
 
-    # The first BC - 1 valid keys, ascending by block index, then the own block, then -1.
-    slot = tl.arange(0, KP)
-    valid = (run >= 0) & (slot[None, :] < BC - 1)
+    # The valid keys, ascending by block index, then the own block, then -1.
+    valid = (run >= 0) & live_slot
     idx = tl.where(valid, 0x7FFFFFFF - (run & 0xFFFFFFFF), 0x7FFFFFFF)
     idx = tl.sort(idx, dim=1)
     n_valid = tl.sum(valid.to(tl.int32), 1)
@@ -140,8 +159,10 @@ def select_blocks_planned(
         return out
     gp = max(next_pow2(g), 1)
     kp = next_pow2(block_count)
-    bt = max(1, min(64, 128 // gp))
-    bn = max(kp, 64)
+    # 64 rows (queries x group heads) and 32 blocks per tile: the fastest of 26 launches timed at
+    # 8k and 64k tokens on an H200 (bt 4-16, bn 32-128, 4 or 8 warps).
+    bt = max(1, 64 // gp)
+    bn = 32
     tile_q0, tile_q1 = query_tiles(plan, bt, q.device)
     _select_kernel[(tile_q0.numel(), b * h)](
         q, kblock, out, tile_q0, tile_q1, plan.q_doc, plan.q_base,
