@@ -204,6 +204,16 @@ def test_dense_attention_with_offset_and_documents(
     check_attention(1, 40, 2, 3, 64, 16, 1, qr, bounds, dtype, seed=5, sparse=False)
 
 
+@pytest.mark.parametrize("segment", [3, 16])
+def test_dk_dv_split_into_many_segments(monkeypatch: pytest.MonkeyPatch, segment: int) -> None:
+    # Blocks selected by more queries than one segment holds (every own block, the early blocks)
+    # are summed over several partials; the host-bounded segment table leaves some segments empty.
+    from kernels.ssa import selected_attention_kernel
+
+    monkeypatch.setattr(selected_attention_kernel, "SEG", segment)
+    check_attention(1, 70, 2, 3, 32, 16, 3, (5, 70), [0, 33, 33, 70], torch.float32, seed=segment)
+
+
 def test_sparse_branch_end_to_end() -> None:
     q, k, v = make(1, 50, 1, 2, 64, torch.float32, seed=21)
     with poisoned_outputs():

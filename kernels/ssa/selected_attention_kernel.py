@@ -222,7 +222,8 @@ def _forward(
         idx.stride(0), idx.stride(1), idx.stride(2), o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         q_offset, scale * LOG2E, h, hq // h, idx.shape[3],
-        BS=block_size, GP=gp, KN=kn, D=d, IEEE=exact_dots(q.dtype), num_warps=4,
+        # 2 warps, 2 stages: 1.1x (8k) to 1.5x (64k) faster than 4 warps on an H200, 1B layout.
+        BS=block_size, GP=gp, KN=kn, D=d, IEEE=exact_dots(q.dtype), num_warps=2, num_stages=2,
     )  # fmt: skip
     return o, lse
 
@@ -230,33 +231,38 @@ def _forward(
 def _segments(
     idx: torch.Tensor, plan: Plan, h: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Queries grouped by the key block they selected, cut into segments of at most SEG."""
+    """Queries grouped by the key block they selected, cut into segments of at most SEG.
+
+    Nothing here waits for the GPU: the segment count is bounded on the host (each key block has at
+    most one partial segment) and the surplus segments are empty (lo == hi). A host sync in the
+    backward (bincount, repeat_interleave) cost ~1 ms per layer at 8k tokens.
+    """
     b, tq, _, bc = idx.shape
     dev = idx.device
-    nb = plan.n_blocks
-    sel = idx.long()
-    rows = sel + plan.q_base.long().view(1, tq, 1, 1)
-    bh = torch.arange(b, device=dev).view(b, 1, 1, 1) * h + torch.arange(h, device=dev).view(1, 1, h, 1)
-    keys = torch.where(sel >= 0, bh * nb + rows, torch.full_like(rows, b * h * nb))
-    tok = torch.arange(tq, device=dev, dtype=torch.int32).view(1, tq, 1, 1).expand(b, tq, h, bc)
-    keys = keys.reshape(-1)
+    n_keys = b * h * plan.n_blocks
+    sel = idx.int()
+    rows = sel + plan.q_base.view(1, tq, 1, 1)
+    bh = torch.arange(b * h, device=dev, dtype=torch.int32).view(b, 1, h, 1)
+    # Unused slots (-1) get the key n_keys and sort after every real one.
+    keys = torch.where(sel >= 0, bh * plan.n_blocks + rows, n_keys).reshape(-1)
     # Stable: within a block, queries stay in ascending order, so sums run in a fixed order.
-    order = torch.argsort(keys, stable=True)
-    keys_sorted = keys[order]
-    tok_sorted = tok.reshape(-1)[order].contiguous()
-    n_keys = b * h * nb
-    counts = torch.bincount(keys_sorted, minlength=n_keys + 1)[:n_keys]
-    starts = torch.cumsum(counts, 0) - counts
+    keys_sorted, order = torch.sort(keys, stable=True)
+    tok_sorted = ((order // (h * bc)) % tq).int()
+    key_ids = torch.arange(n_keys + 1, device=dev, dtype=torch.int32)
+    bounds = torch.searchsorted(keys_sorted, key_ids).int()
+    starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
     nseg = (counts + SEG - 1) // SEG
-    seg0 = torch.cumsum(nseg, 0) - nseg
-    seg_key = torch.repeat_interleave(torch.arange(n_keys, device=dev), nseg)
-    within = torch.arange(seg_key.numel(), device=dev) - seg0[seg_key]
-    seg_lo = starts[seg_key] + within * SEG
+    seg_end = torch.cumsum(nseg, 0, dtype=torch.int32)
+    seg0 = seg_end - nseg
+    max_segments = n_keys + -(-keys.numel() // SEG)
+    seg = torch.arange(max_segments, device=dev, dtype=torch.int32)
+    seg_key = torch.searchsorted(seg_end, seg, right=True).int()
+    real = seg_key < n_keys
+    seg_key = seg_key.clamp(max=max(n_keys - 1, 0))
+    seg_lo = starts[seg_key] + (seg - seg0[seg_key]) * SEG
     seg_hi = torch.minimum(seg_lo + SEG, starts[seg_key] + counts[seg_key])
-    i32 = torch.int32
-    return (
-        tok_sorted, seg_key.to(i32), seg_lo.to(i32), seg_hi.to(i32), seg0.to(i32), nseg.to(i32),
-    )  # fmt: skip
+    seg_lo, seg_hi = torch.where(real, seg_lo, 0), torch.where(real, seg_hi, 0)
+    return tok_sorted, seg_key, seg_lo.int(), seg_hi.int(), seg0, nseg.int()
 
 
 def _backward(
@@ -293,7 +299,7 @@ def _backward(
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             lse.stride(0), lse.stride(1), lse.stride(2),
             q_offset, scale * LOG2E, scale, h, g, plan.n_blocks,
-            BS=block_size, GP=gp, QC=qc, D=d, IEEE=ieee, num_warps=4,
+            BS=block_size, GP=gp, QC=qc, D=d, IEEE=ieee, num_warps=4, num_stages=2,
         )  # fmt: skip
     dk = _alloc.empty_like(k)
     dv = _alloc.empty_like(v)
