@@ -42,6 +42,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 LATEST = "latest"
 COMPLETE = "complete.json"
 
+# megatron 0.16.1's default layout for the distributed optimizer ("fully_sharded_model_space") builds
+# ShardedTensors with flattened_range, which its own dist_checkpointing then refuses (seen on the GPU);
+# "dp_reshardable" is Megatron-LM's default and suffices: an exact resume needs the same layout anyway.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, partial or unreadable; the message says which and what to do."""
@@ -133,7 +138,7 @@ def save_checkpoint(
     dist_checkpointing.save(model_sharded_state_dict(model), str(tmp / "model"))
     if isinstance(optimizer, MegatronOptimizer):
         # A fresh model state dict: dist_checkpointing.save consumes the one it is given.
-        optim_sd = optimizer.sharded_state_dict(model_sharded_state_dict(model))
+        optim_sd = optimizer.sharded_state_dict(model_sharded_state_dict(model), metadata=OPTIMIZER_METADATA)
         dist_checkpointing.save(optim_sd, str(tmp / "optim"))
     elif optimizer is not None:
         # DeepSpeed: its engine writes its own (ZeRO-partitioned) optimizer files.
@@ -253,7 +258,9 @@ def load_checkpoint(path: Path, model: list[torch.nn.Module], optimizer: Any, sc
     if isinstance(optimizer, MegatronOptimizer):
         model_sd = model_sharded_state_dict(model)
         optim_sd = _dist_load(
-            optimizer.sharded_state_dict(model_sd, is_loading=True), path / "optim", "optimizer state"
+            optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA),
+            path / "optim",
+            "optimizer state",
         )
         optimizer.load_state_dict(optim_sd)
     elif optimizer is not None:
