@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ssa_megatron.hf.llama_import import LlamaImportError, llama_state_from_ssa, ssa_from_llama
+from ssa_megatron.hf.llama_import import LlamaImportError, llama_rope, llama_state_from_ssa, ssa_from_llama
 from ssa_megatron.hf.megatron_bridge import CheckpointFormatError, export_checkpoint_to_hf
 from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
 
@@ -63,6 +63,23 @@ def test_full_mode_of_converted_llama_equals_the_original(tmp_path: Path, tied: 
     assert set(back) == set(orig) and all(torch.equal(back[k], orig[k]) for k in orig)
 
 
+def test_llama_rope_reads_both_config_layouts() -> None:
+    llama3 = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    # transformers 4.x layout, then 5.x layout (one dict holding the base; "default" = unscaled).
+    assert llama_rope({"rope_theta": 500000.0, "rope_scaling": llama3}) == (500000.0, llama3)
+    assert llama_rope({"rope_theta": 500000.0, "rope_scaling": None}) == (500000.0, None)
+    assert llama_rope({"rope_parameters": {**llama3, "rope_theta": 500000.0}}) == (500000.0, llama3)
+    unscaled = {"rope_type": "default", "rope_theta": 500000.0}
+    assert llama_rope({"rope_parameters": unscaled}) == (500000.0, None)
+    assert llama_rope({}) == (10000.0, None)
+
+
 def test_llama_import_refusals(tmp_path: Path) -> None:
     _llama(tmp_path / "scaled", False, rope_scaling={"rope_type": "linear", "factor": 2.0})
     with pytest.raises(LlamaImportError, match=r"rope_scaling=.*--drop-rope-scaling"):
@@ -92,9 +109,7 @@ def test_llama_import_refusals(tmp_path: Path) -> None:
     (sharded / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}})
     )
-    (sharded / "config.json").write_text(
-        (tmp_path / "scaled" / "config.json").read_text().replace('"rope_scaling": {', '"x": {')
-    )
+    shutil.copyfile(tmp_path / "plain" / "config.json", sharded / "config.json")  # a convertible config
     with pytest.raises(LlamaImportError, match=r"model-00001-of-00002\.safetensors"):
         ssa_from_llama(sharded)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from ssa_megatron.hf.export import HF_CODE_FILES, copy_tokenizer, save_hf_directory
 from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
@@ -22,7 +23,10 @@ ISOLATED = textwrap.dedent(
     """
     import importlib.abc, json, sys
     BLOCKED = ("ssa_megatron", "kernels", "megatron")
-    repo, model_dir, ids_path = sys.argv[1:4]
+    repo, model_dir, ids_path, transformers_home = sys.argv[1:5]
+    # Run the transformers this test session uses (e.g. a 5.x overlay on PYTHONPATH, which -I drops).
+    if transformers_home not in sys.path:
+        sys.path.insert(0, transformers_home)
     # The project is installed editable in this venv: drop its finder so it is not importable at all.
     keep = lambda f: "editable" not in str(getattr(f, "__module__", "")).lower()
     sys.meta_path[:] = [f for f in sys.meta_path if keep(f)]
@@ -36,6 +40,7 @@ ISOLATED = textwrap.dedent(
     sys.meta_path.insert(0, Block())
     assert not any(p and repo.rstrip("/") == p.rstrip("/") for p in sys.path), sys.path
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
     ids = torch.load(ids_path)
@@ -57,6 +62,7 @@ ISOLATED = textwrap.dedent(
             out["kernel_idx_" + backend] = bool((mine[2] == shipped[2].long()).all())
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     out["leaked"] = leaked
+    out["transformers"] = transformers.__version__
     print("RESULT" + json.dumps(out))
     """
 )
@@ -78,8 +84,18 @@ def test_exported_directory_loads_in_isolated_process(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     env["TRITON_INTERPRET"] = "1"
+    transformers_home = str(Path(transformers.__file__).resolve().parents[1])
     proc = subprocess.run(
-        [sys.executable, "-I", "-c", ISOLATED, str(ROOT), str(out_dir), str(tmp_path / "ids.pt")],
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            ISOLATED,
+            str(ROOT),
+            str(out_dir),
+            str(tmp_path / "ids.pt"),
+            transformers_home,
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -89,6 +105,7 @@ def test_exported_directory_loads_in_isolated_process(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert result["leaked"] == []
+    assert result["transformers"] == transformers.__version__
     with torch.no_grad():
         for mode in ("sparse", "full"):
             expected = model(ids, use_cache=False, attention_mode=mode).logits

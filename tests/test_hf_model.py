@@ -121,6 +121,34 @@ def test_linear_rope_scaling_interpolates_positions() -> None:
     assert (c - b).abs().max() > 1e-3
 
 
+def test_rope_settings_read_the_same_from_transformers_4_and_5_layouts() -> None:
+    # transformers 5 writes one `rope_parameters` dict (base included, rope_type "default" when unscaled);
+    # 4.x writes `rope_theta` + `rope_scaling` (None when unscaled). Either config.json must give the same
+    # model on either version; the dict's base wins over a top-level rope_theta, as in transformers 5.
+    torch.manual_seed(12)
+    v4 = tiny_config(rope_theta=5000.0, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    v5 = tiny_config(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0})
+    assert v5.rope_theta == 5000.0 and v5.rope_scaling["factor"] == 2.0
+    a, b = SSAForCausalLM(v4).eval(), SSAForCausalLM(v5).eval()
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.model.rotary_emb.inv_freq, b.model.rotary_emb.inv_freq)
+    ids = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        assert torch.equal(a(ids, use_cache=False).logits, b(ids, use_cache=False).logits)
+    plain = tiny_config(rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    assert plain.rope_scaling is None and plain.rope_theta == 5000.0
+    assert tiny_config(rope_scaling={"rope_type": "default"}).rope_scaling is None
+
+
+def test_use_kernels_at_load_time_sets_the_config_field(model: SSAForCausalLM, tmp_path) -> None:
+    # transformers' own from_pretrained(use_kernels=...) (Hub kernels, a bool) must not swallow ours.
+    model.save_pretrained(tmp_path)
+    for value in ("never", "always"):
+        assert SSAForCausalLM.from_pretrained(tmp_path, use_kernels=value).config.use_kernels == value
+    with pytest.raises(ValueError, match="'sometimes'"):
+        SSAForCausalLM.from_pretrained(tmp_path, use_kernels="sometimes")
+
+
 def test_loss_is_shifted_cross_entropy(model: SSAForCausalLM) -> None:
     ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():

@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 from transformers import PretrainedConfig
 
 ATTENTION_MODES = ("sparse", "full")
+# Keys of a rope_scaling dict that still describe unscaled RoPE (transformers 5 writes such dicts).
+_PLAIN_ROPE_KEYS = frozenset({"rope_type", "type", "rope_theta"})
 
 
 class SSAConfig(PretrainedConfig):
@@ -61,7 +63,12 @@ class SSAConfig(PretrainedConfig):
         self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
-        self.rope_scaling = rope_scaling
+        # transformers 5 writes RoPE settings to config.json as `rope_parameters` (its name for
+        # rope_scaling); accept that key so a directory saved under 5.x keeps its scaling when 4.x loads it.
+        # Copied because transformers 5 edits the dict in place while standardising it.
+        legacy = kwargs.pop("rope_parameters", None)
+        scaling = rope_scaling if rope_scaling is not None else legacy
+        self.rope_scaling = dict(scaling) if isinstance(scaling, dict) else scaling
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
         self.attention_mode = attention_mode
@@ -101,6 +108,15 @@ class SSAConfig(PretrainedConfig):
                     f"rope_scaling must be a dict like {{'rope_type': 'linear', 'factor': 2.0}}, "
                     f"got {self.rope_scaling!r}"
                 )
+            scaling = dict(self.rope_scaling)
             # transformers' RoPE helpers read "rope_type"; older configs wrote "type".
-            if "rope_type" not in self.rope_scaling and "type" in self.rope_scaling:
-                self.rope_scaling = {**self.rope_scaling, "rope_type": self.rope_scaling["type"]}
+            if "rope_type" not in scaling and "type" in scaling:
+                scaling["rope_type"] = scaling["type"]
+            # transformers 5 keeps the base inside the dict (and prefers it); mirror it so 4.x's helpers and
+            # the plain-RoPE path, which read config.rope_theta, use the same base.
+            if "rope_theta" in scaling:
+                self.rope_theta = float(scaling["rope_theta"])
+            # transformers 5 turns "no scaling" into {"rope_type": "default", "rope_theta": ...}; store
+            # plain RoPE as None on every version, so `config.rope_scaling is None` keeps meaning plain RoPE.
+            plain = scaling.get("rope_type", "default") == "default" and set(scaling) <= _PLAIN_ROPE_KEYS
+            self.rope_scaling = None if plain else scaling

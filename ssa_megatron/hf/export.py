@@ -119,7 +119,9 @@ def save_hf_directory(
     config: SSAConfig = model.config
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["SSAForCausalLM"]
-    model.save_pretrained(out, safe_serialization=True)
+    # No safe_serialization argument: safetensors is the default of transformers >= 4.35, and 5.x removed the
+    # argument (it would be swallowed silently).
+    model.save_pretrained(out)
     for name in HF_CODE_FILES:
         shutil.copyfile(_HF_DIR / name, out / name)
     if include_kernels:

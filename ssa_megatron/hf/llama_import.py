@@ -57,6 +57,17 @@ def read_llama_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
+def llama_rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """``(rope_theta, rope_scaling or None)`` of a Llama ``config.json`` in either layout: transformers 4
+    writes ``rope_theta`` and ``rope_scaling`` (None when unscaled); transformers 5 writes one
+    ``rope_parameters`` dict holding the base too, with ``rope_type: "default"`` when unscaled. Reading
+    only the 4.x keys would take a 5.x Llama-3 (base 500000, llama3 scaling) as base 10000, unscaled."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    unscaled = params.get("rope_type", params.get("type", "default")) == "default"
+    return theta, None if unscaled and set(params) <= {"rope_type", "type"} else params
+
+
 def ssa_config_from_llama(
     cfg: dict[str, Any],
     *,
@@ -68,7 +79,7 @@ def ssa_config_from_llama(
 ) -> SSAConfig:
     """The SSA config with the Llama shape; refuses RoPE scaling (the Megatron model has plain RoPE) unless
     ``drop_rope_scaling``, which changes the model at long range and is then the user's explicit choice."""
-    scaling = cfg.get("rope_scaling")
+    rope_theta, scaling = llama_rope(cfg)
     if scaling and not drop_rope_scaling:
         raise LlamaImportError(
             f"{source}: rope_scaling={scaling!r}; the SSA Megatron model uses plain RoPE, so the converted "
@@ -86,7 +97,7 @@ def ssa_config_from_llama(
         num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
         head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_theta=rope_theta,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         initializer_range=float(cfg.get("initializer_range", 0.02)),
         max_position_embeddings=int(seq_length or max_pos),
@@ -107,7 +118,7 @@ def read_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
     if not index.is_file():
         raise LlamaImportError(
             f"{p}: neither model.safetensors nor model.safetensors.index.json found (pytorch_model.bin "
-            "is not read; re-save the model with safe_serialization=True)"
+            "is not read; re-save it with save_pretrained, which writes safetensors by default)"
         )
     weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
     shards = sorted(set(weight_map.values()))

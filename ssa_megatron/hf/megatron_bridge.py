@@ -37,6 +37,7 @@ _SSA_INIT_KEYS = frozenset(
         "rms_norm_eps",
         "rope_theta",
         "rope_scaling",
+        "rope_parameters",  # what transformers 5's to_dict() calls rope_scaling
         "max_position_embeddings",
         "initializer_range",
         "tie_word_embeddings",

@@ -99,18 +99,22 @@ class SSARotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.rope_type = (config.rope_scaling or {}).get("rope_type", "default")
-        if self.rope_type == "default":
-            # Plain RoPE is computed here: transformers 5 dropped "default" from ROPE_INIT_FUNCTIONS.
-            exponents = torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim
-            inv_freq, self.attention_factor = 1.0 / (config.rope_theta**exponents), 1.0
-        elif self.rope_type in ROPE_INIT_FUNCTIONS:
-            inv_freq, self.attention_factor = ROPE_INIT_FUNCTIONS[self.rope_type](config, None)
-        else:
+        if self.rope_type != "default" and self.rope_type not in ROPE_INIT_FUNCTIONS:
             raise ValueError(
                 f"rope_scaling type {self.rope_type!r} is unknown; use 'default' or one of "
                 f"{sorted(ROPE_INIT_FUNCTIONS)}"
             )
+        inv_freq, self.attention_factor = self.compute_inv_freq()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def compute_inv_freq(self, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies and cos/sin factor of the configured RoPE type."""
+        if self.rope_type == "default":
+            # Plain RoPE is computed here: transformers 5 dropped "default" from ROPE_INIT_FUNCTIONS.
+            head_dim = self.config.head_dim
+            exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+            return 1.0 / (self.config.rope_theta**exponents), 1.0
+        return ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device)
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,12 +237,20 @@ class SSAPreTrainedModel(PreTrainedModel):
     _no_split_modules: ClassVar[list[str]] = ["SSADecoderLayer"]
     supports_gradient_checkpointing = False
 
+    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        # torch.nn.init rather than in-place .data writes: transformers 5 wraps these functions during
+        # from_pretrained so that they skip tensors already loaded from the checkpoint.
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=std)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, SSARMSNorm):
-            module.weight.data.fill_(1.0)
+            nn.init.ones_(module.weight)
+        elif isinstance(module, SSARotaryEmbedding):
+            # transformers 5 builds the model on the meta device and refills non-persistent buffers with
+            # uninitialised memory, expecting _init_weights to recompute them; inv_freq is one (4.x never
+            # drops it, and recomputing gives the same values there).
+            module.inv_freq.copy_(module.compute_inv_freq(module.inv_freq.device)[0])
 
 
 class SSAModel(SSAPreTrainedModel):
@@ -279,7 +291,9 @@ class SSAModel(SSAPreTrainedModel):
 
 
 class SSAForCausalLM(SSAPreTrainedModel, GenerationMixin):
-    _tied_weights_keys: ClassVar[list[str]] = ["lm_head.weight"]
+    # A {tied: source} mapping: transformers 5 requires it (it reads .keys()/.values()); 4.x iterates it and
+    # so sees the same key list it used to get.
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: SSAConfig) -> None:
         super().__init__(config)
@@ -289,7 +303,13 @@ class SSAForCausalLM(SSAPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> SSAForCausalLM:
+        # transformers (4.5x and 5.x) pops a boolean `use_kernels` from these kwargs for its Hub-kernels
+        # feature and fails without the `kernels` package; SSAConfig.use_kernels is a string, so a string
+        # value is ours: apply it to the config instead of letting transformers see it.
+        ssa_use_kernels = kwargs.pop("use_kernels") if isinstance(kwargs.get("use_kernels"), str) else None
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if ssa_use_kernels is not None:
+            model.config.use_kernels = ssa_use_kernels
         model.config.validate_ssa()
         if os.path.isdir(str(pretrained_model_name_or_path)):
             kernels = load_shipped_kernels(str(pretrained_model_name_or_path))
