@@ -222,3 +222,31 @@ def test_shared_step_tensor_from_distributed_optimizer_load_is_split() -> None:
     want = [p for g in reference.param_groups for p in g["params"]]
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert {float(resumed.state[p]["step"]) for p in got} == {3.0}
+
+
+def test_adam_steps_come_back_from_the_saved_param_groups() -> None:
+    """The distributed optimizer's load leaves the fresh optimizer's step in the torch state; the step
+    saved in its param groups (one dict per chained part) must win."""
+    from types import SimpleNamespace
+
+    from ssa_megatron.training.optim import restore_adam_steps
+
+    init = [torch.randn(4, 3), torch.randn(5)]
+    opt = _adamw([p.clone() for p in init])
+    _train(opt, [[torch.randn_like(p) for p in init]])
+    megatron_like = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=opt)])
+    loaded = {
+        0: {"optimizer": {"param_groups": [{"step": 7, "lr": 0.1}]}},
+        1: {"optimizer": {"param_groups": []}},
+    }
+    restore_adam_steps(megatron_like, loaded)
+    steps = [opt.state[p]["step"] for g in opt.param_groups for p in g["params"]]
+    assert {float(s) for s in steps} == {7.0} and len({id(s) for s in steps}) == len(steps)
+    assert all(s.dtype == torch.float32 for s in steps)
+    # A non-distributed optimizer saves no step in its param groups: its loaded state stands.
+    restore_adam_steps(megatron_like, {"optimizer": {"param_groups": [{"lr": 0.1}]}})
+    assert {float(opt.state[p]["step"]) for g in opt.param_groups for p in g["params"]} == {7.0}
+    with pytest.raises(RuntimeError, match="disagree on the Adam step"):
+        restore_adam_steps(
+            megatron_like, {0: {"param_groups": [{"step": 2}]}, 1: {"param_groups": [{"step": 3}]}}
+        )

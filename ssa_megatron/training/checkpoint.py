@@ -39,6 +39,8 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.optimizer import MegatronOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ssa_megatron.training.optim import restore_adam_steps
+
 LATEST = "latest"
 COMPLETE = "complete.json"
 
@@ -263,6 +265,7 @@ def load_checkpoint(path: Path, model: list[torch.nn.Module], optimizer: Any, sc
             "optimizer state",
         )
         optimizer.load_state_dict(optim_sd)
+        restore_adam_steps(optimizer, optim_sd)
     elif optimizer is not None:
         optimizer.load_checkpoint(
             str(path / "optim"),

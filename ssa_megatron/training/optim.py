@@ -113,6 +113,37 @@ def create_adam_state(optimizer: torch.optim.Adam) -> None:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+def restore_adam_steps(optimizer: MegatronOptimizer, loaded: dict) -> None:
+    """Set the Adam step of every param to the one saved in the checkpoint's param groups.
+
+    Without TE/Apex, megatron's DistributedOptimizer keeps the step in its saved param groups and
+    puts it into the torch state on load, but then its parameter-state load copies every state
+    entry, `step` included, from tensors whose step is the fresh optimizer's (a non-persistent
+    entry, 0), so the bias correction would restart. Other optimizers save no step in their param
+    groups (torch keeps it in the state, which loads correctly) and are left alone.
+    """
+    steps = {g["step"] for g in _saved_param_groups(loaded) if g.get("step") is not None}
+    if not steps:
+        return
+    if len(steps) != 1:
+        raise RuntimeError(f"the checkpoint's optimizer param groups disagree on the Adam step: {steps}")
+    (step,) = steps
+    for inner in torch_adam_optimizers(optimizer):
+        for state_of_param in inner.state.values():
+            if "step" in state_of_param:
+                state_of_param["step"] = torch.tensor(
+                    float(step), dtype=torch.float32, device=state_of_param["step"].device
+                )
+
+
+def _saved_param_groups(tree: object) -> list[dict]:
+    """Every param group in a loaded optimizer state dict (chained optimizers nest one per part)."""
+    if not isinstance(tree, dict):
+        return []
+    groups = [g for g in tree.get("param_groups", []) if isinstance(g, dict)]
+    return groups + [g for v in tree.values() for g in _saved_param_groups(v)]
+
+
 def _set_fused_flags(optimizer: torch.optim.Optimizer) -> None:
     for group in [optimizer.defaults, *optimizer.param_groups]:
         group["fused"] = True
