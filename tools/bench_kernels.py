@@ -151,11 +151,29 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             fla_note = f"fla.ops.nsa not importable: {type(exc).__name__}: {exc}"
     print(f"fla: {fla_note}", flush=True)
-    rows = []
+    from ssa_megatron.benchmarking import environment, write_result
+
+    rows: list[dict] = []
+    result = {
+        **environment(),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "dtype": "bfloat16",
+        "dense_baseline": "torch SDPA is_causal, K/V expanded to the query heads outside the timed region",
+        "fla": fla_note,
+        "targets": {
+            "sparse_over_dense_fwdbwd": RATIO_TARGETS,
+            "sel_attn_fwd_tflops_at_64k": RATE_TARGET_TFLOPS,
+        },
+        "rows": rows,
+        "misses": [],
+    }
+    out = args.out
     for t in args.seq_lens:
-        row = bench_one(args, t, fla_nsa)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(bench_one(args, t, fla_nsa))
+        print(json.dumps(rows[-1]), flush=True)
+        result["misses"] = [f"T={r['T']}: {v}" for r in rows for v in verdicts(r) if v.endswith("MISS")]
+        # Rewritten after every length: a run cut short by a time limit keeps what it measured.
+        out = write_result(result, "kernels", out)
 
     cols = ["T", "sdpa_fwd_ms", "sdpa_fwdbwd_ms", "ours_dense_fwdbwd_ms", "block_keys_ms", "selection_ms",
             "sel_attn_fwd_ms", "sel_attn_fwdbwd_ms", "sparse_fwdbwd_ms", "sparse_over_dense_fwdbwd",
@@ -169,25 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         for key, val in row.items():
             if key.endswith("_error"):
                 print(f"T={row['T']} {key}: {val}")
-    misses = [f"T={r['T']}: {v}" for r in rows for v in verdicts(r) if v.endswith("MISS")]
+    misses = result["misses"]
     print("\n" + ("MISSED TARGETS:\n  " + "\n  ".join(misses) if misses else "all targets met"))
-
-    from ssa_megatron.benchmarking import environment, write_result
-
-    result = {
-        **environment(),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "dtype": "bfloat16",
-        "dense_baseline": "torch SDPA is_causal, K/V expanded to the query heads outside the timed region",
-        "fla": fla_note,
-        "targets": {
-            "sparse_over_dense_fwdbwd": RATIO_TARGETS,
-            "sel_attn_fwd_tflops_at_64k": RATE_TARGET_TFLOPS,
-        },
-        "rows": rows,
-        "misses": misses,
-    }
-    out = write_result(result, "kernels", args.out)
     print(f"wrote {out}")
     return 0
 
