@@ -1,4 +1,5 @@
-"""The model gives the same numbers on the Triton kernels (CPU interpreter) as on the reference.
+"""The model gives the same numbers on its fast paths as on the reference: the Triton kernels (CPU
+interpreter), and the flash dense path with context-parallel chunks and documents (CPU flash op).
 
 Kernel tests feed the ops tensors they build themselves; this one feeds them what megatron's
 attention really hands over (views of the fused QKV projection, roped copies), which is where a
