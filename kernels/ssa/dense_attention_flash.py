@@ -25,13 +25,12 @@ variant).
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from kernels.ssa._common import doc_bounds
+from kernels.ssa._common import doc_bounds, doc_spans
 
 __all__ = ["flash_applies", "flash_dense_attention"]
 
@@ -78,13 +77,14 @@ def _segments(cu_seqlens: torch.Tensor | None, q_offset: int, q_len: int, k_len:
     q_end = q_offset + q_len
     if cu_seqlens is None:
         return _Segments(0, q_end, (q_len,), (q_end,))
-    bounds = doc_bounds(cu_seqlens, 1, k_len)
-    docs = [(s, min(e, q_end)) for s, e in itertools.pairwise(bounds) if min(e, q_end) > max(s, q_offset)]
+    # The same document/query intersection the sparse kernels plan with (block rows unused here).
+    spans = doc_spans(doc_bounds(cu_seqlens, 1, k_len), 1, q_offset, q_len)
+    docs = [s for s in spans if s.q_hi > s.q_lo]
     return _Segments(
-        key_start=docs[0][0],
+        key_start=docs[0].start,
         key_end=q_end,
-        q_lens=tuple(hi - max(s, q_offset) for s, hi in docs),
-        k_lens=tuple(hi - s for s, hi in docs),
+        q_lens=tuple(s.q_hi - s.q_lo for s in docs),
+        k_lens=tuple(q_offset + s.q_hi - s.start for s in docs),
     )
 
 
