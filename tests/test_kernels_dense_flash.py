@@ -158,13 +158,14 @@ def test_routing_keeps_cpu_off_the_cuda_flash_path() -> None:
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_gpu_1b_layout_against_fp32_reference() -> None:
+    # Whole sequences route to cuDNN (test_kernels_dense_cudnn.py); the flash path is called directly.
     q, k, v, do = inputs(1, 4096, 2, 16, 64, torch.bfloat16, seed=17, device="cuda")
     assert flash_applies(q, k, v)
-    got = run(lambda *x: ssa.dense_attention(*x), q, k, v, do)  # backend "auto": the routing under test
+    got = run(lambda *x: flash_dense_attention(*x, scale=64**-0.5), q, k, v, do)
     want = run(lambda *x: naive.dense_attention(*x, scale=64**-0.5), q.float(), k.float(), v.float(), do)
     compare(got, want, TOL[torch.bfloat16])
     leaves = [x.requires_grad_(True) for x in (q, k, v)]
-    o, lse = ssa.dense_attention(*leaves)
+    o, lse = flash_dense_attention(*leaves, scale=64**-0.5)
     with pytest.raises(RuntimeError, match="LSE without gradient"):
         ((o.float() * do.float()).sum() + lse.sum()).backward()
 

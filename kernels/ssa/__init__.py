@@ -2,7 +2,8 @@
 
 Layout ``[batch, seq, heads, head_dim]``; ``HQ = G * H`` and query head ``hq`` uses KV head
 ``hq // G``. ``scale`` defaults to ``head_dim ** -0.5``. ``backend="auto"`` runs Triton on CUDA
-tensors and the plain-PyTorch reference (``kernels.ssa.naive``) on CPU tensors.
+tensors and the plain-PyTorch reference (``kernels.ssa.naive``) on CPU tensors. ``cu_seqlens`` may
+live on the host or the device; the ops read it on the host, so a host tensor spares a sync per call.
 """
 
 from __future__ import annotations
@@ -168,9 +169,10 @@ def dense_attention(
     """Causal attention of queries at global positions ``[q_offset, q_offset + Tq)`` over keys
     ``[0, Tk)`` (within each document): ``(o, lse fp32)``; differentiable in q, k, v.
 
-    The LSE is differentiable except on the CUDA fast path: fp16/bf16 (any ``q_offset``, packed
-    documents included) run PyTorch's flash kernel, whose LSE has no gradient, and a gradient that
-    reaches that LSE raises RuntimeError (detach it, as the sparsity statistic does). fp32
+    The LSE is differentiable except on the CUDA fast paths: fp16/bf16 run cuDNN attention (whole
+    sequences on sm90+) or PyTorch's flash kernel (any ``q_offset``, packed documents included),
+    whose LSEs have no gradient, and a gradient that reaches that LSE raises RuntimeError (detach
+    it, as the sparsity statistic does). fp32
     (FlexAttention) and ``backend="naive"`` give the LSE its full gradient."""
     check_qkv(q, k, v, q_offset)
     doc_bounds(cu_seqlens, q.shape[0], k.shape[1])

@@ -6,6 +6,7 @@ import torch
 
 from kernels.ssa._plan import make_plan
 from kernels.ssa.block_keys_kernel import block_keys_planned
+from kernels.ssa.dense_attention_cudnn import cudnn_applies, cudnn_dense_attention
 from kernels.ssa.dense_attention_flash import flash_applies, flash_dense_attention
 from kernels.ssa.dense_attention_kernel import flex_dense_attention
 from kernels.ssa.selected_attention_kernel import selected_attention_planned
@@ -63,8 +64,11 @@ def dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_offset: int = 0,
     cu_seqlens: torch.Tensor | None = None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    # SDPA's flash kernel is 1.5-1.9x faster than FlexAttention but takes only half types, and its
-    # LSE has no gradient; fp32 goes to Flex.
+    # Half types take the fused kernels, whose LSE has no gradient: cuDNN for whole sequences (1.5x
+    # faster than flash on Hopper), flash for query offsets and documents (1.5-1.9x faster than
+    # FlexAttention); fp32 goes to Flex.
+    if cudnn_applies(q, k, v, q_offset, cu_seqlens):
+        return cudnn_dense_attention(q, k, v, scale=scale)
     if flash_applies(q, k, v):
         return flash_dense_attention(q, k, v, scale=scale, q_offset=q_offset, cu_seqlens=cu_seqlens)
     return flex_dense_attention(q, k, v, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale)
