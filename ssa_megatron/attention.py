@@ -38,7 +38,8 @@ class SSAForwardParams(PackedSeqParams):
     ``mode``: the branch that drives the residual stream (``"full"``/``"sparse"``). ``rope_cos``/
     ``rope_sin``: ``[s_local, b, 1, head_dim]`` fp32 at this rank's token positions.
     ``doc_cu_seqlens``: per batch row, int32 document boundaries over the *global* row (FlashAttention
-    convention), or None to attend across documents.
+    convention), or None to attend across documents. They live on the host: every kernel call reads
+    them there, and a device copy would cost a device-to-host sync per layer and branch.
     """
 
     mode: str = "sparse"
@@ -85,7 +86,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def document_cu_seqlens(position_ids_full: Tensor) -> list[Tensor]:
-    """Per row, int32 cu_seqlens of the documents, which start where ``position_ids == 0`` (and at 0)."""
+    """Per row, int32 cu_seqlens (on the host) of the documents, which start where ``position_ids == 0``
+    (and at 0)."""
+    position_ids_full = position_ids_full.cpu()  # the micro-batch's one device-to-host sync
     rows = []
     seq = position_ids_full.shape[1]
     for row in position_ids_full:

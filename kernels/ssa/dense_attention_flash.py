@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from kernels.ssa._common import doc_bounds, doc_spans
+from kernels.ssa._plan import to_device
 
 __all__ = ["flash_applies", "flash_dense_attention"]
 
@@ -61,7 +62,7 @@ class _Segments:
         """FlashAttention's ``cu_seqlens_q``, ``cu_seqlens_k`` (int32, leading 0)."""
         cu = [torch.tensor((0, *lens), dtype=torch.int32).cumsum(0, dtype=torch.int32) for lens in
               (self.q_lens, self.k_lens)]  # fmt: skip
-        return cu[0].to(device), cu[1].to(device)
+        return to_device(cu[0], device), to_device(cu[1], device)
 
     def mask(self, dtype: torch.dtype) -> torch.Tensor:
         """The same visibility as an additive ``[Tq, Tk]`` mask (for the CPU op)."""

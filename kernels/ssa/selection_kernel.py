@@ -63,7 +63,9 @@ def _select_kernel(
     BS: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
     D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
+    # Last tiles first: a tile's work grows with its position (causal), and the longest ones
+    # started last would run alone at the end of the grid.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
@@ -163,7 +165,7 @@ def select_blocks_planned(
     # 8k and 64k tokens on an H200 (bt 4-16, bn 32-128, 4 or 8 warps).
     bt = max(1, 64 // gp)
     bn = 32
-    tile_q0, tile_q1 = query_tiles(plan, bt, q.device)
+    tile_q0, tile_q1 = query_tiles(plan.spans, bt, q.device)
     _select_kernel[(tile_q0.numel(), b * h)](
         q, kblock, out, tile_q0, tile_q1, plan.q_doc, plan.q_base,
         q.stride(0), q.stride(1), q.stride(2), kblock.stride(0), kblock.stride(1), kblock.stride(2),
