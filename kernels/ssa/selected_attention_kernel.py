@@ -78,12 +78,15 @@ def _fwd_kernel(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, IDX, DO, LSE, DELTA, DQ, QDOC,
+    Q, K, V, IDX, OUT, DO, LSE, DLSE, DELTA, DQ, QDOC,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, si_b, si_t, si_h, sl_b, sl_t, sl_h,
     q_offset, qk_scale, scale, H, G, BC,
     BS: tl.constexpr, GP: tl.constexpr, KN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
 ):  # fmt: skip
-    # DO and DQ share q's strides (the wrapper makes them contiguous like q).
+    # OUT, DO and DQ share q's strides, DLSE and DELTA the LSE's (the wrapper lays them out so).
+    # Delta = rowsum(dO * O) is computed here and stored for the dK/dV kernel: as separate torch
+    # ops (two fp32 casts, a product, a sum) it cost ~0.2 ms per layer at 8k tokens (H200 profile).
     i = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -96,7 +99,12 @@ def _dq_kernel(
     do = tl.load(DO + qo_off, mask=g_ok[:, None], other=0.0)
     l_off = b * sl_b + i * sl_t + (h * G + g) * sl_h
     lse2 = tl.load(LSE + l_off, mask=g_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + l_off, mask=g_ok, other=0.0)
+    o = tl.load(OUT + qo_off, mask=g_ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_DLSE:
+        # d lse / d s = p, so a gradient on lse enters exactly like -Delta in dS = P * (dP - Delta).
+        delta -= tl.load(DLSE + l_off, mask=g_ok, other=0.0)
+    tl.store(DELTA + l_off, delta, mask=g_ok)
     doc = tl.load(QDOC + i).to(tl.int64)
     loc = q_offset + i - doc
     kk = tl.arange(0, KN)
@@ -275,18 +283,15 @@ def _backward(
     gp, kn = _geometry(g, block_size)
     ieee = exact_dots(q.dtype)
     do = do.contiguous()
-    # d lse / d s = p, so a gradient on lse enters exactly like -Delta in dS = P * (dP - Delta).
-    delta = (do.float() * o.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
+    dlse = None if dlse is None else dlse.float().contiguous()
+    delta = _alloc.empty_like(lse)
     dq = _alloc.empty_like(q)
     _dq_kernel[(tq, b * h)](
-        q, k, v, idx, do, lse, delta, dq, plan.q_doc,
+        q, k, v, idx, o, do, lse, lse if dlse is None else dlse, delta, dq, plan.q_doc,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         idx.stride(0), idx.stride(1), idx.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         q_offset, scale * LOG2E, scale, h, g, idx.shape[3],
-        BS=block_size, GP=gp, KN=kn, D=d, IEEE=ieee, num_warps=4,
+        BS=block_size, GP=gp, KN=kn, D=d, IEEE=ieee, HAS_DLSE=dlse is not None, num_warps=4,
     )  # fmt: skip
     tok, seg_key, seg_lo, seg_hi, seg0, nseg = _segments(idx, plan, h)
     n_seg = seg_key.numel()
