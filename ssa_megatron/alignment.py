@@ -61,7 +61,9 @@ def global_alignment_loss(
     """``(local_part, value)``: ``local_part`` (differentiable) is local sum / global count; ``value`` is
     the detached global mean, identical on every rank of the TP x CP group (``group``, default megatron's)."""
     local_sum = alignment_loss_sum(h_full, h_sparse, kind)
-    count = torch.tensor(float(h_full.numel()), dtype=torch.float64, device=local_sum.device)
+    # Filled on the device: a host-made tensor would be a copy from pageable memory, which makes the
+    # host wait for the device at every layer.
+    count = torch.full((), float(h_full.numel()), dtype=torch.float64, device=local_sum.device)
     stats = torch.stack([local_sum.detach().double(), count])
     group = group if group is not None else _tp_cp_group()
     if group is not None and dist.get_world_size(group) > 1:
@@ -73,7 +75,9 @@ def global_alignment_loss(
 class AlignmentLossAutoScaler(torch.autograd.Function):
     """Attach an aux loss to an activation: identity forward; backward gives the loss ``loss_scale``."""
 
-    main_loss_backward_scale: torch.Tensor | None = None
+    # A host number: the backward fills it in on the device, where copying a host tensor over would
+    # make the host wait for the device at every layer.
+    main_loss_backward_scale: float | None = None
 
     @staticmethod
     def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
@@ -84,18 +88,17 @@ class AlignmentLossAutoScaler(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (aux_loss,) = ctx.saved_tensors
         scale = AlignmentLossAutoScaler.main_loss_backward_scale
-        if scale is None:
-            scale = torch.ones((), device=aux_loss.device)
-        return grad_output, torch.ones_like(aux_loss) * scale.to(aux_loss.device, aux_loss.dtype)
+        return grad_output, torch.full_like(aux_loss, 1.0 if scale is None else scale)
 
     @staticmethod
-    def set_loss_scale(scale: torch.Tensor) -> None:
-        AlignmentLossAutoScaler.main_loss_backward_scale = scale.detach().reshape(())
+    def set_loss_scale(scale: float) -> None:
+        AlignmentLossAutoScaler.main_loss_backward_scale = float(scale)
 
 
 def set_alignment_loss_scale(scale: torch.Tensor | float) -> None:
-    """The gradient the alignment loss gets in backward (what the CE loss's scaling is to CE)."""
-    AlignmentLossAutoScaler.set_loss_scale(torch.as_tensor(scale, dtype=torch.float32))
+    """The gradient the alignment loss gets in backward (what the CE loss's scaling is to CE). Set once
+    per step; a tensor is read on the host here (one sync), never per layer."""
+    AlignmentLossAutoScaler.set_loss_scale(float(scale))
 
 
 def alignment_loss_scale(
