@@ -46,6 +46,52 @@ def cuda_time_ms(fn: Callable[[], object], reps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+# Host calls that wait for the device (or read a device value, which waits): where they happen per
+# step, the GPU drains and then idles while the host launches again.
+_HOST_WAITS = frozenset({
+    "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+    "aten::_local_scalar_dense", "aten::nonzero",
+})  # fmt: skip
+
+
+def kernel_profile(fn: Callable[[], object], steps: int, top: int = 25) -> dict[str, Any]:
+    """Where the device time of ``fn`` goes: per call, the busy time summed over kernels and copies,
+    the wall time, the ``top`` kernels by time (name, ms, launches), and the host calls that waited
+    for the device. Busy well under wall means the device waited for the host (launch gaps, syncs).
+    Without CUDA the ops' own CPU time stands in for kernel time (smoke runs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = torch.cuda.is_available()
+    fn()
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if on_gpu:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    rows, waits = [], []
+    for event in prof.key_averages():
+        if event.key in _HOST_WAITS and event.count:
+            waits.append({"name": event.key, "ms": event.cpu_time_total / 1e3 / steps,
+                          "calls": event.count / steps})  # fmt: skip
+        if on_gpu:
+            us = event.device_time_total if event.device_type.name == "CUDA" else 0
+        else:
+            us = event.self_cpu_time_total
+        if us > 0:
+            rows.append((event.key, us / 1e3 / steps, event.count // steps))
+    rows.sort(key=lambda row: -row[1])
+    return {
+        "steps": steps,
+        "wall_ms": wall_ms,
+        "device_busy_ms": sum(row[1] for row in rows),
+        "top_kernels": [{"name": n[:120], "ms": ms, "launches": c} for n, ms, c in rows[:top]],
+        "host_waits": sorted(waits, key=lambda w: -w["ms"]),
+    }
+
+
 def measured_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     """bf16 dense matmul rate of this GPU, measured (the peak that MFU-style targets refer to)."""
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -27,13 +27,18 @@ def _run(script: str, out: Path, *extra: str) -> dict:
 @pytest.mark.slow
 def test_bench_train_times_every_mode_and_checks_targets(tmp_path: Path) -> None:
     result = _run("bench_train.py", tmp_path / "train.json", "--modes", "full", "ssa",
-                  "--data.seq_length", "64", "--train.micro_batch_size", "2")  # fmt: skip
+                  "--data.seq_length", "64", "--train.micro_batch_size", "2", "--profile", "1")  # fmt: skip
     rows = {r["mode"]: r for r in result["rows"]}
     assert set(rows) == {"full", "ssa"}
     for row in rows.values():
         assert row["seq_length"] == 64 and row["num_layers"] == 2
         assert row["fwd_bwd_ms"] > 0 and row["step_ms"] > 0
         # Both branches run in ssa mode, so its honest FLOP count exceeds the main path's.
+        profile = row["profile_fwd_bwd"]
+        assert profile["steps"] == 1 and profile["device_busy_ms"] > 0 and profile["wall_ms"] > 0
+        assert any(k["name"] == "aten::mm" and k["launches"] > 0 for k in profile["top_kernels"])
+        # A step reads its loss on the host: the profile names that wait.
+        assert any(w["name"] == "aten::_local_scalar_dense" for w in row["profile_step"]["host_waits"])
     ssa_row = rows["ssa"]
     assert ssa_row["step_tflops_all_branches"] > ssa_row["step_tflops_main_path"]
     assert rows["full"]["step_tflops_all_branches"] == pytest.approx(rows["full"]["step_tflops_main_path"])

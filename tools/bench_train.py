@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step and GPU")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile STEPS forward+backward passes and STEPS steps per mode: top kernels, "
+                   "busy vs wall time, host waits")
     p.add_argument("--compare-to", type=Path, help="a 1-GPU result of this script: report DP scaling")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/train_<time>.json)")
     from ssa_megatron.training.config import parse_args_and_overrides
@@ -53,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     args, overrides = parse_args_and_overrides(p, argv)
     if args.config is None:
         p.error("--config is required, e.g. --config examples/ssa_1b_8k.yaml")
-    if args.accum < 1 or args.reps < 1 or args.warmup < 0:
-        p.error("--accum and --reps must be >= 1, --warmup >= 0")
+    if args.accum < 1 or args.reps < 1 or args.warmup < 0 or args.profile < 0:
+        p.error("--accum and --reps must be >= 1, --warmup and --profile >= 0")
     return args, overrides
 
 
@@ -80,7 +83,7 @@ def bench_mode(
 ) -> dict[str, Any]:
     import torch
 
-    from ssa_megatron.benchmarking import cuda_time_ms
+    from ssa_megatron.benchmarking import cuda_time_ms, kernel_profile
     from ssa_megatron.training.config import data_parallel_size, load_config
     from ssa_megatron.training.flops import training_flops_per_sequence
     from ssa_megatron.training.loop import train_step
@@ -139,6 +142,9 @@ def bench_mode(
         "step_tflops_all_branches": flops_all / (step_ms * 1e-3) / 1e12,
         "peak_memory_gib": peak_gib,
     }
+    if args.profile:
+        row["profile_fwd_bwd"] = kernel_profile(fwd_bwd, args.profile)
+        row["profile_step"] = kernel_profile(full_step, args.profile)
     return row
 
 
