@@ -8,14 +8,13 @@ live on the host or the device; the ops read it on the host, so a host tensor sp
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
 
+from kernels._backend import use_triton
 from kernels.ssa import naive
 from kernels.ssa._common import (
-    check_backend,
     check_block_args,
     check_qkv,
     check_query_blocks,
@@ -25,24 +24,6 @@ from kernels.ssa._common import (
 )
 
 __all__ = ["block_keys", "dense_attention", "select_blocks", "selected_attention", "sparse_attention"]
-
-
-def _triton(backend: str, *tensors: torch.Tensor) -> bool:
-    check_backend(backend)
-    if backend == "auto":
-        return all(t.is_cuda for t in tensors)
-    if backend == "triton":
-        if not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
-                "for tests); use backend='naive' or 'auto' on CPU"
-            )
-        if len({t.dtype for t in tensors}) > 1:
-            raise ValueError(
-                f"backend='triton' needs one dtype for all inputs; got {[t.dtype for t in tensors]}"
-            )
-        return True
-    return False
 
 
 def _triton_ops() -> ModuleType:
@@ -65,7 +46,7 @@ def block_keys(
     if k.dim() != 4:
         raise ValueError(f"k must be [batch, seq, heads, head_dim]; got {tuple(k.shape)}")
     doc_bounds(cu_seqlens, k.shape[0], k.shape[1])
-    if _triton(backend, k):
+    if use_triton(backend, k):
         return _triton_ops().block_keys(k, block_size, cu_seqlens=cu_seqlens)
     return naive.block_keys(k, block_size, cu_seqlens=cu_seqlens)
 
@@ -100,7 +81,7 @@ def select_blocks(
             f"kblock has {kblock.shape[1]} blocks but cu_seqlens {bounds} with block_size {block_size} "
             f"needs {expect}; build it with block_keys(k, block_size, cu_seqlens=cu_seqlens)"
         )
-    if _triton(backend, q, kblock):
+    if use_triton(backend, q, kblock):
         return _triton_ops().select_blocks(
             q,
             kblock,
@@ -147,7 +128,7 @@ def selected_attention(
             f"got {tuple(block_idx.shape)}"
         )
     scale = resolve_scale(scale, q.shape[-1])
-    if _triton(backend, q, k, v):
+    if use_triton(backend, q, k, v):
         return _triton_ops().selected_attention(
             q, k, v, block_idx, block_size, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale
         )
@@ -177,7 +158,7 @@ def dense_attention(
     check_qkv(q, k, v, q_offset)
     doc_bounds(cu_seqlens, q.shape[0], k.shape[1])
     scale = resolve_scale(scale, q.shape[-1])
-    if _triton(backend, q, k, v):
+    if use_triton(backend, q, k, v):
         return _triton_ops().dense_attention(q, k, v, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale)
     return naive.dense_attention(q, k, v, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale)
 
@@ -202,7 +183,7 @@ def sparse_attention(
     check_qkv(q, k, v, q_offset)
     doc_bounds(cu_seqlens, q.shape[0], k.shape[1])
     scale = resolve_scale(scale, q.shape[-1])
-    if _triton(backend, q, k, v):
+    if use_triton(backend, q, k, v):
         return _triton_ops().sparse_attention(
             q, k, v, block_size, block_count, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale
         )

@@ -76,11 +76,6 @@ def check_block_args(block_size: int, block_count: int | None = None) -> None:
         raise ValueError(f"block_count must be >= 1; got {block_count}")
 
 
-def check_backend(backend: str) -> None:
-    if backend not in ("auto", "triton", "naive"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'naive'; got {backend!r}")
-
-
 def doc_bounds(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int) -> list[int]:
     """Document boundaries [0, ..., seq_len] as Python ints (one document when cu_seqlens is None)."""
     if cu_seqlens is None:
