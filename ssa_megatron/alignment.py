@@ -19,27 +19,19 @@ step, before ``forward_backward_func``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+
+from kernels.alignment import two_way_alignment_sum
 
 
-def _elementwise(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if kind == "smooth_l1":
-        return lambda a, b: F.smooth_l1_loss(a, b, reduction="sum", beta=1.0)
-    if kind == "mse":
-        return lambda a, b: F.mse_loss(a, b, reduction="sum")
-    raise ValueError(f"alignment_loss={kind!r} is not one of smooth_l1, mse")
-
-
-def alignment_loss_sum(h_full: torch.Tensor, h_sparse: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
+def alignment_loss_sum(
+    h_full: torch.Tensor, h_sparse: torch.Tensor, kind: str = "smooth_l1", backend: str = "auto"
+) -> torch.Tensor:
     """Local sum of the two-way alignment term (fp32): each direction pulls one branch to the other's
-    detached output. Divide by the global element count for the mean."""
-    f = _elementwise(kind)
-    full, sparse = h_full.float(), h_sparse.float()
-    return f(full, sparse.detach()) + f(full.detach(), sparse)
+    detached output. Divide by the global element count for the mean. CUDA tensors take the fused
+    kernel (kernels/alignment), others the PyTorch reference; ``backend`` forces one."""
+    return two_way_alignment_sum(h_full, h_sparse, kind, backend=backend)
 
 
 def _tp_cp_group() -> dist.ProcessGroup | None:
@@ -57,10 +49,11 @@ def global_alignment_loss(
     h_sparse: torch.Tensor,
     kind: str = "smooth_l1",
     group: dist.ProcessGroup | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(local_part, value)``: ``local_part`` (differentiable) is local sum / global count; ``value`` is
     the detached global mean, identical on every rank of the TP x CP group (``group``, default megatron's)."""
-    local_sum = alignment_loss_sum(h_full, h_sparse, kind)
+    local_sum = alignment_loss_sum(h_full, h_sparse, kind, backend)
     # Filled on the device: a host-made tensor would be a copy from pageable memory, which makes the
     # host wait for the device at every layer.
     count = torch.full((), float(h_full.numel()), dtype=torch.float64, device=local_sum.device)
