@@ -19,23 +19,22 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
-def cuda_time_ms(fn: Callable[[], object], reps: int, warmup: int) -> float:
-    """Median wall time of ``fn`` on the current CUDA stream, in milliseconds.
+def cuda_times_ms(fn: Callable[[], object], reps: int, warmup: int) -> list[float]:
+    """Wall time of each of ``reps`` calls of ``fn`` on the current CUDA stream, in milliseconds.
 
     Without CUDA (smoke runs of the scripts on CPU) it falls back to the host clock; such
     numbers are not benchmark figures and the result files say ``"gpu": "cpu"``.
     """
     for _ in range(warmup):
         fn()
+    times = []
     if not torch.cuda.is_available():
-        times = []
         for _ in range(reps):
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        return times
     torch.cuda.synchronize()
-    times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -43,7 +42,12 @@ def cuda_time_ms(fn: Callable[[], object], reps: int, warmup: int) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return times
+
+
+def cuda_time_ms(fn: Callable[[], object], reps: int, warmup: int) -> float:
+    """Median of ``cuda_times_ms``."""
+    return statistics.median(cuda_times_ms(fn, reps, warmup))
 
 
 # Host calls that wait for the device (or read a device value, which waits): where they happen per

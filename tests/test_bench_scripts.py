@@ -33,6 +33,7 @@ def test_bench_train_times_every_mode_and_checks_targets(tmp_path: Path) -> None
     for row in rows.values():
         assert row["seq_length"] == 64 and row["num_layers"] == 2
         assert row["fwd_bwd_ms"] > 0 and row["step_ms"] > 0
+        assert len(row["step_ms_samples"]) == 1 and row["step_main_branches"][0][0] in ("full", "sparse")
         # Both branches run in ssa mode, so its honest FLOP count exceeds the main path's.
         profile = row["profile_fwd_bwd"]
         assert profile["steps"] == 1 and profile["device_busy_ms"] > 0 and profile["wall_ms"] > 0

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,10 +84,10 @@ def bench_mode(
 ) -> dict[str, Any]:
     import torch
 
-    from ssa_megatron.benchmarking import cuda_time_ms, kernel_profile
+    from ssa_megatron.benchmarking import cuda_times_ms, kernel_profile
     from ssa_megatron.training.config import data_parallel_size, load_config
     from ssa_megatron.training.flops import training_flops_per_sequence
-    from ssa_megatron.training.loop import train_step
+    from ssa_megatron.training.loop import drawn_modes, train_step
     from ssa_megatron.training.runner import build_engine
 
     cfg0 = load_config(args.config, [*overrides, ("model", "attention_mode", mode)])
@@ -112,8 +113,10 @@ def bench_mode(
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    fwd_bwd_ms = cuda_time_ms(fwd_bwd, args.reps, args.warmup)
-    step_ms = cuda_time_ms(full_step, args.reps, args.warmup)
+    fwd_bwd_samples = cuda_times_ms(fwd_bwd, args.reps, args.warmup)
+    first_step = iteration[0] + args.warmup + 1
+    step_samples = cuda_times_ms(full_step, args.reps, args.warmup)
+    fwd_bwd_ms, step_ms = statistics.median(fwd_bwd_samples), statistics.median(step_samples)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
 
     seq = cfg.data.seq_length
@@ -141,7 +144,13 @@ def bench_mode(
         "step_tflops_main_path": flops_main / (step_ms * 1e-3) / 1e12,
         "step_tflops_all_branches": flops_all / (step_ms * 1e-3) / 1e12,
         "peak_memory_gib": peak_gib,
+        "fwd_bwd_ms_samples": fwd_bwd_samples,
+        "step_ms_samples": step_samples,
     }
+    # The branch that drove each timed step's micro-batches (in ssa mode both branches always run).
+    row["step_main_branches"] = [
+        drawn_modes(engine.model_config, it, args.accum) for it in range(first_step, first_step + args.reps)
+    ]
     if args.profile:
         row["profile_fwd_bwd"] = kernel_profile(fwd_bwd, args.profile)
         row["profile_step"] = kernel_profile(full_step, args.profile)
