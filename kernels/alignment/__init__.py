@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._backend import use_triton
 from kernels.alignment import naive
+from kernels.ssa._backend import use_triton
 
 __all__ = ["KINDS", "two_way_alignment_sum"]
 

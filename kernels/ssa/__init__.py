@@ -12,8 +12,8 @@ from types import ModuleType
 
 import torch
 
-from kernels._backend import use_triton
 from kernels.ssa import naive
+from kernels.ssa._backend import use_triton
 from kernels.ssa._common import (
     check_block_args,
     check_qkv,

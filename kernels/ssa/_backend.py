@@ -1,8 +1,10 @@
 """Which implementation an op runs: the Triton kernel or the plain-PyTorch reference.
 
-Shared by every kernel package so that ``backend="auto" | "triton" | "naive"`` means the same
+Shared by every kernel package, so that ``backend="auto" | "triton" | "naive"`` means the same
 everywhere: ``auto`` runs Triton on CUDA tensors and the reference on CPU tensors; ``triton`` on CPU
-needs the interpreter (tests set ``TRITON_INTERPRET=1`` before triton is imported).
+needs the interpreter (tests set ``TRITON_INTERPRET=1`` before triton is imported). It lives in
+kernels.ssa because the HF export ships that package as a self-contained copy, which may import
+nothing outside itself; kernels.alignment imports it from here.
 """
 
 from __future__ import annotations
