@@ -1,10 +1,11 @@
 """Dense causal attention of whole sequences on cuDNN's fused attention (Hopper and newer).
 
-This is SDPA's default kernel on sm90, and the fastest dense path measured here: fwd+bwd at the 1B
-layout on an H200 took 2.48 ms against 3.94 ms for aten's FlashAttention-2 at 8k tokens, and 36.5
-against 53.7 ms at 32k (benchmarks/results/probe_cudnn_h200_20261128_s3.json). It takes GQA
-natively (K/V with fewer heads; their gradients come back per KV head), so K/V are neither expanded
-nor group-summed.
+This is SDPA's default kernel on sm90, and the fastest dense path measured here: ``dense_attention``
+fwd+bwd at the 1B layout on an H200 went from 4.05 ms on aten's FlashAttention-2 to 2.69 ms at 8k
+tokens, and from 54.2 to 36.6 ms at 32k (tools/bench_kernels.py, ``ours_dense_fwdbwd_ms`` in
+benchmarks/results/kernels_h200_20261128_s2_rows.jsonl and kernels_h200_20261128_s3.json). It takes
+GQA natively (K/V with fewer heads; their gradients come back per KV head), so K/V are neither
+expanded nor group-summed.
 
 Its causal mask is aligned to the first key (query i sees keys j <= i, measured for Tq < Tk too),
 so it serves only queries and keys of one span, ``Tq == Tk`` at offset 0 with no packed documents:
