@@ -11,7 +11,10 @@ Its causal mask is aligned to the first key (query i sees keys j <= i, measured 
 so it serves only queries and keys of one span, ``Tq == Tk`` at offset 0 with no packed documents:
 every training step without context parallelism or document masking. Query chunks at an offset and
 packed documents stay on the flash kernels (dense_attention_flash.py), whose mask aligns to the
-last key.
+last key. cuDNN's variable-length form (``_cudnn_attention_forward`` with ``cu_seqlens``) was tried
+for documents on an H200 (torch 2.11, cuDNN 9.19) and is unusable there: non-finite outputs and
+wrong dQ against the fp32 reference, and 176 ms fwd+bwd at 8k tokens against 2.3 ms for flash's
+varlen kernel (gpu_run_h200_20261128_s3.log).
 
 aten's cuDNN backward op cannot be called with its bias argument left out from Python, so the
 forward records the op on detached leaves and the backward differentiates that record with
