@@ -15,18 +15,19 @@ TINY = ["--config", str(ROOT / "examples" / "tiny_cpu.yaml"), "--model.num_layer
         "--warmup", "0"]  # fmt: skip
 
 
-def _run(script: str, out: Path, *extra: str) -> dict:
+def _run(script: str, out: Path, *extra: str) -> tuple[dict, str]:
+    """The script's JSON result and its printed report."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / script), *TINY, *extra, "--out", str(out)],
         cwd=out.parent, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
 
 
 @pytest.mark.slow
 def test_bench_train_times_every_mode_and_checks_targets(tmp_path: Path) -> None:
-    result = _run("bench_train.py", tmp_path / "train.json", "--modes", "full", "ssa",
+    result, report = _run("bench_train.py", tmp_path / "train.json", "--modes", "full", "ssa",
                   "--data.seq_length", "64", "--train.micro_batch_size", "2", "--profile", "1")  # fmt: skip
     rows = {r["mode"]: r for r in result["rows"]}
     assert set(rows) == {"full", "ssa"}
@@ -40,6 +41,7 @@ def test_bench_train_times_every_mode_and_checks_targets(tmp_path: Path) -> None
         assert any(k["name"] == "aten::mm" and k["launches"] > 0 for k in profile["top_kernels"])
         # A step reads its loss on the host: the profile names that wait.
         assert any(w["name"] == "aten::_local_scalar_dense" for w in row["profile_step"]["host_waits"])
+    assert "ssa fwd_bwd: device busy" in report and "full step: device busy" in report
     ssa_row = rows["ssa"]
     assert ssa_row["step_tflops_all_branches"] > ssa_row["step_tflops_main_path"]
     assert rows["full"]["step_tflops_all_branches"] == pytest.approx(rows["full"]["step_tflops_main_path"])
@@ -48,7 +50,7 @@ def test_bench_train_times_every_mode_and_checks_targets(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_bench_inference_times_both_modes(tmp_path: Path) -> None:
-    result = _run("bench_inference.py", tmp_path / "prefill.json", "--seq-lens", "64", "96")
+    result, _ = _run("bench_inference.py", tmp_path / "prefill.json", "--seq-lens", "64", "96")
     assert [r["T"] for r in result["rows"]] == [64, 96]
     for row in result["rows"]:
         assert row["full_ms"] > 0 and row["sparse_ms"] > 0

@@ -169,6 +169,16 @@ def release_model() -> None:
         torch.cuda.empty_cache()
 
 
+def profile_summary(label: str, profile: dict[str, Any], top: int = 5) -> str:
+    """One paragraph of a ``kernel_profile``: busy vs wall, the heaviest kernels, the host waits."""
+    lines = [f"{label}: device busy {profile['device_busy_ms']:.1f} of {profile['wall_ms']:.1f} ms wall"]
+    for kernel in profile["top_kernels"][:top]:
+        lines.append(f"    {kernel['ms']:8.2f} ms  x{kernel['launches']:<4} {kernel['name'][:90]}")
+    waits = ", ".join(f"{w['name']} x{w['calls']:g}" for w in profile["host_waits"])
+    lines.append(f"    host waits: {waits or 'none'}")
+    return "\n".join(lines)
+
+
 def verdicts(rows: dict[str, dict], peak: float | None, scaling: dict | None) -> list[str]:
     out = []
 
@@ -227,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         print(" | ".join(cols))
         for row in rows.values():
             print(" | ".join(f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in cols))
+        for row in rows.values():
+            for key in ("profile_fwd_bwd", "profile_step"):
+                if key in row:
+                    print(profile_summary(f"{row['mode']} {key.removeprefix('profile_')}", row[key]))
         checks = verdicts(rows, peak, scaling)
         print("\n".join(checks))
         result = {
