@@ -153,8 +153,8 @@ def dense_attention(
     The LSE is differentiable except on the CUDA fast paths: fp16/bf16 run cuDNN attention (whole
     sequences on sm90+) or PyTorch's flash kernel (any ``q_offset``, packed documents included),
     whose LSEs have no gradient, and a gradient that reaches that LSE raises RuntimeError (detach
-    it, as the sparsity statistic does). fp32
-    (FlexAttention) and ``backend="naive"`` give the LSE its full gradient."""
+    it, as the sparsity statistic does). fp32 (FlexAttention) and ``backend="naive"`` give the LSE
+    its full gradient."""
     check_qkv(q, k, v, q_offset)
     doc_bounds(cu_seqlens, q.shape[0], k.shape[1])
     scale = resolve_scale(scale, q.shape[-1])

@@ -28,11 +28,10 @@ from typing import Any
 
 import torch
 
-from kernels.ssa.dense_attention_flash import LSE_GRAD_ERROR
+from kernels.ssa.dense_attention_flash import LSE_GRAD_ERROR, flash_applies
 
 __all__ = ["cudnn_applies", "cudnn_dense_attention"]
 
-_DTYPES = (torch.float16, torch.bfloat16)
 # Head dims measured on the GPU tests (64, 128); cuDNN's limits differ by version beyond that.
 _MAX_HEAD_DIM = 128
 
@@ -52,10 +51,8 @@ def cudnn_applies(
     documents) of one half dtype on an sm90+ card, head_dim a multiple of 8 up to 128."""
     if q_offset != 0 or cu_seqlens is not None or q.shape[1] != k.shape[1]:
         return False
-    if not all(x.is_cuda for x in (q, k, v)) or len({q.dtype, k.dtype, v.dtype}) != 1:
-        return False
-    d = q.shape[-1]
-    if q.dtype not in _DTYPES or d % 8 or d > _MAX_HEAD_DIM or q.shape[2] % k.shape[2]:
+    # The flash path's device, dtype and head_dim checks, then cuDNN's narrower head_dim and card.
+    if not flash_applies(q, k, v) or q.shape[-1] > _MAX_HEAD_DIM or q.shape[2] % k.shape[2]:
         return False
     return torch.cuda.get_device_capability(q.device)[0] >= 9 and _op_available()
 
