@@ -18,6 +18,11 @@ minimum" ends at the exact top-(BC-1) set in any insertion order. Once the lists
 tiles have no survivor in any row and cost only the scoring; sorting every tile instead (a
 bitonic sort of BT x BN keys plus a merge) was 2.1-2.2x slower at 64k tokens on an H200
 (benchmarks/results/README.md).
+
+Where the time goes (H200, 1B layout, 64k tokens): the insertions were 42% of the kernel. That is
+why each insertion round has no block-wide exit test and no search for the minimum's slot. Both
+passes skip masks on the tiles that lie wholly before every query's own block. Together these
+took the kernel from 12.1 to 8.7 ms.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from kernels.ssa._plan import Plan, next_pow2, query_tiles
 LOG2E = 1.4426950408889634
 # Slots at or beyond BC-1 hold this, so they are never a row's minimum.
 _DEAD_SLOT = tl.constexpr(0x7FFFFFFFFFFFFFFF)
+# Below every key and every empty-slot marker: a filtered-out candidate.
+_NOT_A_KEY = tl.constexpr(-(1 << 62))
 
 
 def exact_dots(dtype: torch.dtype) -> bool:
@@ -56,12 +63,81 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _lse_tile(
+    q, kb_base, n0, m, acc, complete_row, complete_max, skb_n, c,
+    BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """One pass-1 tile: fold the raw logits of blocks [n0, n0 + BN) into each row's running max/sum.
+
+    The max is kept in raw logit units and the scale folded into the exponent (one FMA per
+    logit). Unmasked tiles hold only blocks complete for every row, so they need no mask and
+    their running max is finite.
+    """
+    n = n0 + tl.arange(0, BN)
+    d = tl.arange(0, D)
+    if MASKED:
+        kb = tl.load(kb_base + n[:, None] * skb_n + d[None, :], mask=(n < complete_max)[:, None], other=0.0)
+        s = _dot(q, tl.trans(kb), IEEE)
+        s = tl.where(n[None, :] < complete_row[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        kb = tl.load(kb_base + n[:, None] * skb_n + d[None, :])
+        s = _dot(q, tl.trans(kb), IEEE)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = m_new
+    acc = acc * tl.exp2((m - m_safe) * c) + tl.sum(tl.exp2(s * c - (m_safe * c)[:, None]), 1)
+    return m_new, acc
+
+
+@triton.jit
+def _topk_tile(
+    q, kb_base, n0, lse, run, thr, own_t, t_ok, own_max, skb_n, c, BC,
+    BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """One pass-2 tile: group-summed probabilities of blocks [n0, n0 + BN) into the running top-k.
+
+    Padded rows carry lse = +inf (probability 0), and a block at or after a query's own block is
+    never its candidate, so the probabilities need no mask: blocks not complete at a query's
+    position are all at or after its own block, and the key mask below drops them. Unmasked
+    tiles lie before every query's own block.
+    """
+    n = n0 + tl.arange(0, BN)
+    d = tl.arange(0, D)
+    if MASKED:
+        kb = tl.load(kb_base + n[:, None] * skb_n + d[None, :], mask=(n < own_max)[:, None], other=0.0)
+    else:
+        kb = tl.load(kb_base + n[:, None] * skb_n + d[None, :])
+    s = _dot(q, tl.trans(kb), IEEE)
+    p = tl.exp2(s * c - lse[:, None])
+    score = tl.sum(tl.reshape(p, [BT, GP, BN]), 1)
+    key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0x7FFFFFFF - n).to(tl.int64)[None, :]
+    # Only keys above the row's minimum can enter its list.
+    enter = t_ok[:, None] & (key > thr[:, None])
+    if MASKED:
+        enter = enter & (n[None, :] < own_t[:, None])
+    key = tl.where(enter, key, _NOT_A_KEY)
+    # Keys enter largest first, so a row takes at most BC-1 of one tile: that bounds the trip count,
+    # decided once per tile (a per-insertion exit test would cost a block-wide reduction each time).
+    trips = tl.max(tl.minimum(tl.sum(enter.to(tl.int32), 1), BC - 1), 0)
+    for _ in range(trips):
+        best = tl.max(key, 1)
+        # Slot values are unique (empty slots hold -1 - slot), so one slot holds the row minimum.
+        run = tl.where((run == thr[:, None]) & (best >= 0)[:, None], best[:, None], run)
+        thr = tl.min(run, 1)
+        # Drop the key just taken (keys are unique) and every key the raised threshold excludes.
+        key = tl.where((key > thr[:, None]) & (key != best[:, None]), key, _NOT_A_KEY)
+    return run, thr
+
+
+@triton.jit
 def _select_kernel(
     Q, KB, OUT, TILE_Q0, TILE_Q1, QDOC, QBASE,
     sq_b, sq_t, sq_h, skb_b, skb_n, skb_h, so_b, so_t, so_h,
     q_offset, qk_scale, H, G, BC,
-    BS: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
-    D: tl.constexpr, IEEE: tl.constexpr,
+    BS: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN1: tl.constexpr, BN: tl.constexpr,
+    KP: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     # Last tiles first: a tile's work grows with its position (causal), and the longest ones
     # started last would run alone at the end of the grid.
@@ -82,58 +158,44 @@ def _select_kernel(
     d = tl.arange(0, D)
     q_ptr = Q + b * sq_b + (q0 + t_row)[:, None] * sq_t + (h * G + g_row)[:, None] * sq_h + d[None, :]
     q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
-    loc_row = q_offset + q0 + t_row - doc
+    # Rows are in position order: the tile's first query has the fewest complete blocks.
+    loc0 = q_offset + q0 - doc
+    loc_row = loc0 + t_row
     complete_row = (loc_row + 1) // BS
     last = q_offset + q1 - 1 - doc
     complete_max = ((last + 1) // BS).to(tl.int32)
     own_max = (last // BS).to(tl.int32)
-
-    cols = tl.arange(0, BN)
     kb_base = KB + b * skb_b + h * skb_h + base * skb_n
 
     # Pass 1: log2-sum-exp of each row over the blocks complete at its position.
     m = tl.full([M], float("-inf"), tl.float32)
     acc = tl.zeros([M], tl.float32)
-    for n0 in range(0, complete_max, BN):
-        n = n0 + cols
-        kb = tl.load(kb_base + n[:, None] * skb_n + d[None, :], mask=(n < complete_max)[:, None], other=0.0)
-        s = _dot(q, tl.trans(kb), IEEE) * qk_scale
-        s = tl.where(n[None, :] < complete_row[:, None], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-        m = m_new
-    lse = tl.where(acc > 0, m + tl.log2(tl.maximum(acc, 1e-30)), 0.0)
+    unmasked_end = ((loc0 + 1) // BS // BN1 * BN1).to(tl.int32)
+    for n0 in range(0, unmasked_end, BN1):
+        m, acc = _lse_tile(q, kb_base, n0, m, acc, complete_row, complete_max, skb_n, qk_scale,
+                           BN1, D, IEEE, False)  # fmt: skip
+    for n0 in range(unmasked_end, complete_max, BN1):
+        m, acc = _lse_tile(q, kb_base, n0, m, acc, complete_row, complete_max, skb_n, qk_scale,
+                           BN1, D, IEEE, True)  # fmt: skip
+    lse = tl.where(row_ok & (acc > 0), m * qk_scale + tl.log2(tl.maximum(acc, 1e-30)), float("inf"))
 
     # Pass 2: the group-summed scores of each tile feed an unsorted running top-(BC-1) per query.
     t_vec = tl.arange(0, BT)
     t_ok = q0 + t_vec < q1
-    own_t = (q_offset + q0 + t_vec - doc) // BS
+    own_t = (loc0 + t_vec) // BS
     slot = tl.arange(0, KP)
     live_slot = slot[None, :] < BC - 1
-    # -1 marks an empty live slot (every real key is >= 0); dead slots never hold the minimum.
-    run = tl.where(live_slot, tl.full([BT, KP], -1, tl.int64), tl.full([BT, KP], _DEAD_SLOT, tl.int64))
-    thr = tl.full([BT], -1, tl.int64)
-    for n0 in range(0, own_max, BN):
-        n = n0 + cols
-        kb = tl.load(kb_base + n[:, None] * skb_n + d[None, :], mask=(n < own_max)[:, None], other=0.0)
-        s = _dot(q, tl.trans(kb), IEEE) * qk_scale
-        live = (n[None, :] < complete_row[:, None]) & row_ok[:, None]
-        p = tl.where(live, tl.exp2(s - lse[:, None]), 0.0)
-        score = tl.sum(tl.reshape(p, [BT, GP, BN]), 1)
-        key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0x7FFFFFFF - n).to(tl.int64)[None, :]
-        # Only keys above the row's minimum can enter its list (non-candidates become -1 <= thr).
-        key = tl.where((n[None, :] < own_t[:, None]) & t_ok[:, None] & (key > thr[:, None]), key, -1)
-        best = tl.max(key, 1)
-        # The trip count is the most insertions any row of the tile needs: 0 once the lists settle.
-        while tl.max(best, 0) >= 0:
-            # The lowest slot holding the row minimum (empty slots all hold -1).
-            at = tl.min(tl.where(run == thr[:, None], slot[None, :], KP), 1)
-            run = tl.where((slot[None, :] == at[:, None]) & (best[:, None] >= 0), best[:, None], run)
-            thr = tl.min(run, 1)
-            # Drop the key just taken (keys are unique) and every key the raised threshold excludes.
-            key = tl.where((key > thr[:, None]) & (key != best[:, None]), key, -1)
-            best = tl.max(key, 1)
+    # Empty live slots hold -1 - slot (every real key is >= 0); dead slots never hold the minimum.
+    empty = tl.broadcast_to(-1 - slot[None, :].to(tl.int64), [BT, KP])
+    run = tl.where(live_slot, empty, tl.full([BT, KP], _DEAD_SLOT, tl.int64))
+    thr = tl.min(run, 1)
+    unmasked_end = (loc0 // BS // BN * BN).to(tl.int32)
+    for n0 in range(0, unmasked_end, BN):
+        run, thr = _topk_tile(q, kb_base, n0, lse, run, thr, own_t, t_ok, own_max, skb_n, qk_scale, BC,
+                              BT, GP, BN, D, IEEE, False)  # fmt: skip
+    for n0 in range(unmasked_end, own_max, BN):
+        run, thr = _topk_tile(q, kb_base, n0, lse, run, thr, own_t, t_ok, own_max, skb_n, qk_scale, BC,
+                              BT, GP, BN, D, IEEE, True)  # fmt: skip
 
     # The valid keys, ascending by block index, then the own block, then -1.
     valid = (run >= 0) & live_slot
@@ -161,17 +223,19 @@ def select_blocks_planned(
         return out
     gp = max(next_pow2(g), 1)
     kp = next_pow2(block_count)
-    # 64 rows (queries x group heads) and 32 blocks per tile: the fastest of 26 launches timed at
-    # 8k and 64k tokens on an H200 (bt 4-16, bn 32-128, 4 or 8 warps).
+    # 64 rows (queries x group heads); 32 blocks per pass-1 tile, 16 per pass-2 tile: the fastest
+    # launches timed at 8k, 32k and 64k tokens on an H200 (bt 2-16, bn 16-128, 2-8 warps; smaller
+    # pass-2 tiles mean fewer insertion rounds per tile).
     bt = max(1, 64 // gp)
-    bn = 32
+    bn1 = 32
+    bn = 16
     tile_q0, tile_q1 = query_tiles(plan.spans, bt, q.device)
     _select_kernel[(tile_q0.numel(), b * h)](
         q, kblock, out, tile_q0, tile_q1, plan.q_doc, plan.q_base,
         q.stride(0), q.stride(1), q.stride(2), kblock.stride(0), kblock.stride(1), kblock.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         q_offset, scale * LOG2E, h, g, block_count,
-        BS=block_size, BT=bt, GP=gp, BN=bn, KP=kp, D=d, IEEE=exact_dots(q.dtype),
+        BS=block_size, BT=bt, GP=gp, BN1=bn1, BN=bn, KP=kp, D=d, IEEE=exact_dots(q.dtype),
         num_warps=4 if kp <= 64 else 8,
     )  # fmt: skip
     return out
