@@ -250,3 +250,48 @@ def test_adam_steps_come_back_from_the_saved_param_groups() -> None:
         restore_adam_steps(
             megatron_like, {0: {"param_groups": [{"step": 2}]}, 1: {"param_groups": [{"step": 3}]}}
         )
+
+
+def _grads(device: str) -> list[torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(3)
+    shapes = [(37, 5), (128,), (3, 4, 5), (1,)]
+    grads = [torch.randn(s, generator=gen, device=device) * (i + 1) for i, s in enumerate(shapes)]
+    return [*grads, torch.randn(64, generator=gen, device=device).bfloat16()]
+
+
+def test_grad_norm_replacement_matches_the_definition() -> None:
+    from megatron.core.optimizer import clip_grads
+
+    from ssa_megatron.training.optim import grad_l2_norm, use_sync_free_grad_norm
+
+    grads = _grads("cpu")
+    norm, _ = grad_l2_norm(2048 * 32, torch.zeros(1, dtype=torch.int), [grads[:2], grads[2:]], False)
+    want = torch.cat([g.double().flatten() for g in grads]).norm()
+    assert norm.shape == (1,) and norm.dtype == torch.float32
+    assert abs(norm.item() - want.item()) < 1e-5 * want.item()
+    use_sync_free_grad_norm()
+    assert clip_grads.l2_norm_impl is grad_l2_norm
+
+
+@pytest.mark.gpu
+def test_gpu_grad_norm_does_not_wait_for_the_gpu() -> None:
+    from megatron.core.optimizer import clip_grads
+
+    from ssa_megatron.training.optim import grad_l2_norm, use_sync_free_grad_norm
+
+    grads = _grads("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        norm, _ = grad_l2_norm(2048 * 32, torch.zeros(1, dtype=torch.int, device="cuda"), [grads], False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = torch.cat([g.double().flatten() for g in grads]).norm()
+    assert norm.device.type == "cuda" and abs(norm.item() - want.item()) < 1e-5 * want.item()
+    # Through megatron's own entry point, as its optimizer calls it (one process group of one rank).
+    use_sync_free_grad_norm()
+    torch.distributed.init_process_group("nccl", init_method="tcp://127.0.0.1:29531", world_size=1, rank=0)
+    try:
+        assert abs(clip_grads.get_grad_norm_fp32(grads) - want.item()) < 1e-5 * want.item()
+    finally:
+        torch.distributed.destroy_process_group()
