@@ -196,10 +196,10 @@ class SSACoreAttention(MegatronModule):
             return self._branch(params.mode, q, k, v, params, params.block_count)[0]
         o_full, lse_full = self._branch("full", q, k, v, params, params.block_count)
         o_sparse, lse_sparse = self._branch("sparse", q, k, v, params, params.block_count)
-        local, value = global_alignment_loss(
+        local = global_alignment_loss(
             o_full, o_sparse, config.alignment_loss, self._tp_cp_group(), config.kernel_backend
         )
-        tracker.record_alignment(self.layer_number, config.num_layers, value)
+        tracker.record_alignment(self.layer_number, config.num_layers, local)
         tracker.record_sparsity(self.layer_number, config.num_layers, lse_sparse, lse_full)
         main = o_full if params.mode == "full" else o_sparse
         return attach_alignment_loss(main, local * (config.alignment_weight / config.num_layers))
