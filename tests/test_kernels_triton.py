@@ -242,6 +242,16 @@ def test_unsupported_shapes_name_the_fix() -> None:
         ssa.sparse_attention(q, k, v, 16, 2, backend="triton")
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.125, float("nan"), float("inf")])
+def test_non_positive_or_non_finite_scale_is_refused(scale: float) -> None:
+    q, k, v = make(1, 32, 1, 2, 16, torch.float32, seed=1)
+    for backend in ("triton", "naive"):
+        with pytest.raises(ValueError, match=r"scale must be a positive finite number; got"):
+            ssa.sparse_attention(q, k, v, 16, 2, scale=scale, backend=backend)
+        with pytest.raises(ValueError, match=r"scale must be a positive finite number; got"):
+            ssa.dense_attention(q, k, v, scale=scale, backend=backend)
+
+
 # ------------------------------------------------------------------------------------------------
 # the same checks at realistic sizes (GPU machine: `pytest -m gpu`)
 # ------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ documents map to block rows, so that logic lives here once.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,13 @@ class DocSpan:
 
 
 def resolve_scale(scale: float | None, head_dim: int) -> float:
-    return float(head_dim) ** -0.5 if scale is None else float(scale)
+    """The softmax scale: ``head_dim ** -0.5`` by default. The selection kernel folds the scale into
+    its exponents and relies on it being positive (a non-positive scale also inverts the ranking)."""
+    if scale is None:
+        return float(head_dim) ** -0.5
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number; got {scale} (None means head_dim ** -0.5)")
+    return float(scale)
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, q_offset: int) -> int:
