@@ -269,6 +269,8 @@ def test_grad_norm_replacement_matches_the_definition() -> None:
     want = torch.cat([g.double().flatten() for g in grads]).norm()
     assert norm.shape == (1,) and norm.dtype == torch.float32
     assert abs(norm.item() - want.item()) < 1e-5 * want.item()
+    _, each = grad_l2_norm(2048 * 32, torch.zeros(1, dtype=torch.int), [grads[:2], grads[2:]], True)
+    torch.testing.assert_close(each, torch.stack([g.double().norm() for g in grads]).float())
     use_sync_free_grad_norm()
     assert clip_grads.l2_norm_impl is grad_l2_norm
 

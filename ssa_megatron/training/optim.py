@@ -79,8 +79,9 @@ def build_optimizer(cfg: TrainConfig, model: list[DistributedDataParallel]) -> M
 
 
 def grad_l2_norm(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list[list[torch.Tensor]],
-                 per_tensor: bool, *args: object) -> tuple[torch.Tensor, None]:  # fmt: skip
-    """The L2 norm of all tensors in `tensor_lists`, as a float32 [1] tensor on their device.
+                 per_tensor: bool, *args: object) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """The L2 norm of all tensors in `tensor_lists`, as a float32 [1] tensor on their device, and
+    with `per_tensor` each tensor's norm (float32 [n], in order), as Apex's kernel returns them.
 
     Same contract as megatron's `local_multi_tensor_l2_norm` (the fallback without Transformer
     Engine or Apex), which stacks the per-tensor norms with `torch.tensor(list)`: one host sync per
@@ -88,11 +89,9 @@ def grad_l2_norm(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list[li
     the device (one foreach norm kernel per dtype, in fp32) and only megatron's final `.item()` waits.
     """
     tensors = [t for group in tensor_lists for t in group]
-    if per_tensor:
-        raise NotImplementedError("per-tensor norms: megatron-core 0.16.1 never asks for them here")
     # fp32 norms of half tensors too (torch.norm would round a bf16 tensor's norm to bf16).
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    return torch.linalg.vector_norm(norms).reshape(1), norms if per_tensor else None
 
 
 def use_sync_free_grad_norm() -> None:
