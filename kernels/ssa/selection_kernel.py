@@ -170,11 +170,11 @@ def _select_kernel(
     # Pass 1: log2-sum-exp of each row over the blocks complete at its position.
     m = tl.full([M], float("-inf"), tl.float32)
     acc = tl.zeros([M], tl.float32)
-    unmasked_end = ((loc0 + 1) // BS // BN1 * BN1).to(tl.int32)
-    for n0 in range(0, unmasked_end, BN1):
+    lse_unmasked_end = ((loc0 + 1) // BS // BN1 * BN1).to(tl.int32)
+    for n0 in range(0, lse_unmasked_end, BN1):
         m, acc = _lse_tile(q, kb_base, n0, m, acc, complete_row, complete_max, skb_n, qk_scale,
                            BN1, D, IEEE, False)  # fmt: skip
-    for n0 in range(unmasked_end, complete_max, BN1):
+    for n0 in range(lse_unmasked_end, complete_max, BN1):
         m, acc = _lse_tile(q, kb_base, n0, m, acc, complete_row, complete_max, skb_n, qk_scale,
                            BN1, D, IEEE, True)  # fmt: skip
     lse = tl.where(row_ok & (acc > 0), m * qk_scale + tl.log2(tl.maximum(acc, 1e-30)), float("inf"))
@@ -189,11 +189,11 @@ def _select_kernel(
     empty = tl.broadcast_to(-1 - slot[None, :].to(tl.int64), [BT, KP])
     run = tl.where(live_slot, empty, tl.full([BT, KP], _DEAD_SLOT, tl.int64))
     thr = tl.min(run, 1)
-    unmasked_end = (loc0 // BS // BN * BN).to(tl.int32)
-    for n0 in range(0, unmasked_end, BN):
+    topk_unmasked_end = (loc0 // BS // BN * BN).to(tl.int32)
+    for n0 in range(0, topk_unmasked_end, BN):
         run, thr = _topk_tile(q, kb_base, n0, lse, run, thr, own_t, t_ok, own_max, skb_n, qk_scale, BC,
                               BT, GP, BN, D, IEEE, False)  # fmt: skip
-    for n0 in range(unmasked_end, own_max, BN):
+    for n0 in range(topk_unmasked_end, own_max, BN):
         run, thr = _topk_tile(q, kb_base, n0, lse, run, thr, own_t, t_ok, own_max, skb_n, qk_scale, BC,
                               BT, GP, BN, D, IEEE, True)  # fmt: skip
 
