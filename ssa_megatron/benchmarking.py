@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,30 +20,45 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
-def cuda_times_ms(fn: Callable[[], object], reps: int, warmup: int) -> list[float]:
-    """Wall time of each of ``reps`` calls of ``fn`` on the current CUDA stream, in milliseconds.
+def _time_call_ms(fn: Callable[[], object]) -> float:
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
-    Without CUDA (smoke runs of the scripts on CPU) it falls back to the host clock; such
-    numbers are not benchmark figures and the result files say ``"gpu": "cpu"``.
+
+def interleaved_cuda_times_ms(
+    fns: dict[str, Callable[[], object]], reps: int, warmup: int
+) -> dict[str, list[float]]:
+    """Wall time of each of ``reps`` calls of every function, in milliseconds, the functions taking
+    turns (one call of each, then the next round).
+
+    Taking turns spreads slow drift (clocks and temperature settling over a minute of load) over every
+    function alike; timing one function's repetitions after another's charges the drift to whichever
+    runs later. Without CUDA (smoke runs of the scripts on CPU) it uses the host clock; such numbers
+    are not benchmark figures and the result files say ``"gpu": "cpu"``.
     """
     for _ in range(warmup):
-        fn()
-    times = []
-    if not torch.cuda.is_available():
-        for _ in range(reps):
-            start = time.perf_counter()
+        for fn in fns.values():
             fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        for name, fn in fns.items():
+            times[name].append(_time_call_ms(fn))
     return times
+
+
+def cuda_times_ms(fn: Callable[[], object], reps: int, warmup: int) -> list[float]:
+    """Wall time of each of ``reps`` calls of ``fn`` on the current CUDA stream, in milliseconds."""
+    return interleaved_cuda_times_ms({"fn": fn}, reps, warmup)["fn"]
 
 
 def cuda_time_ms(fn: Callable[[], object], reps: int, warmup: int) -> float:
@@ -58,10 +74,84 @@ _HOST_WAITS = frozenset({
 })  # fmt: skip
 
 
+_DEVICE_WORK = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
+_LAUNCHES = frozenset({"cuda_runtime", "cuda_driver"})
+_HOST_OPS = frozenset({"cpu_op", "user_annotation"})
+
+
+def _enclosing_ops(ops: list[dict], moments: list[tuple[float, Any]]) -> dict[Any, list[str]]:
+    """For each ``(time, key)``, the names of the host ops open at that time, outermost first (one
+    thread's ops, which nest)."""
+    ops = sorted(ops, key=lambda e: (e["ts"], -e.get("dur", 0)))
+    stack: list[dict] = []
+    out: dict[Any, list[str]] = {}
+    i = 0
+    for moment, key in sorted(moments, key=lambda m: m[0]):
+        while i < len(ops) and ops[i]["ts"] <= moment:
+            while stack and stack[-1]["ts"] + stack[-1].get("dur", 0) < ops[i]["ts"]:
+                stack.pop()
+            stack.append(ops[i])
+            i += 1
+        while stack and stack[-1]["ts"] + stack[-1].get("dur", 0) < moment:
+            stack.pop()
+        out[key] = [e["name"] for e in stack]
+    return out
+
+
+def idle_gaps(trace_events: list[dict], steps: int, top: int = 12) -> dict[str, Any]:
+    """Where the device waited for the host, from a Kineto chrome trace's events.
+
+    Every stretch of idle device time between two pieces of device work is charged to the host op
+    that launched the work ending it (outermost and innermost op open at the launch): the GPU was
+    waiting for that launch. Returns the idle time per call and the ``top`` charges (ms and gaps per
+    call, largest first), by launching op and by the kernel that ended the gap.
+    """
+    work = sorted((e for e in trace_events if e.get("cat") in _DEVICE_WORK and "dur" in e),
+                  key=lambda e: e["ts"])  # fmt: skip
+    launch_of = {e["args"]["correlation"]: e for e in trace_events
+                 if e.get("cat") in _LAUNCHES and "correlation" in e.get("args", {})}  # fmt: skip
+    gaps: list[tuple[float, dict]] = []
+    busy_until = None
+    for event in work:
+        if busy_until is not None and event["ts"] > busy_until:
+            gaps.append((event["ts"] - busy_until, event))
+        end = event["ts"] + event["dur"]
+        busy_until = end if busy_until is None else max(busy_until, end)
+    moments_by_thread: dict[Any, list[tuple[float, int]]] = {}
+    for n, (_, event) in enumerate(gaps):
+        launch = launch_of.get(event.get("args", {}).get("correlation"))
+        if launch is not None:
+            moments_by_thread.setdefault(launch["tid"], []).append((launch["ts"], n))
+    stacks: dict[int, list[str]] = {}
+    for tid, moments in moments_by_thread.items():
+        ops = [e for e in trace_events if e.get("cat") in _HOST_OPS and e.get("tid") == tid and "dur" in e]
+        stacks.update(_enclosing_ops(ops, moments))
+    by_op: dict[str, list[float]] = {}
+    by_kernel: dict[str, list[float]] = {}
+    for n, (gap_us, event) in enumerate(gaps):
+        names = stacks.get(n) or ["(no host op)"]
+        op = names[0] if len(names) == 1 else f"{names[0]} > {names[-1]}"
+        for table, key in ((by_op, op), (by_kernel, event["name"])):
+            charge = table.setdefault(key[:160], [0.0, 0])
+            charge[0] += gap_us
+            charge[1] += 1
+
+    def ranked(table: dict[str, list[float]]) -> list[dict[str, Any]]:
+        rows = sorted(table.items(), key=lambda kv: -kv[1][0])[:top]
+        return [{"name": k, "ms": us / 1e3 / steps, "gaps": n / steps} for k, (us, n) in rows]
+
+    return {
+        "idle_ms": sum(g for g, _ in gaps) / 1e3 / steps,
+        "by_launching_op": ranked(by_op),
+        "by_next_kernel": ranked(by_kernel),
+    }
+
+
 def kernel_profile(fn: Callable[[], object], steps: int, top: int = 25) -> dict[str, Any]:
     """Where the device time of ``fn`` goes: per call, the busy time summed over kernels and copies,
-    the wall time, the ``top`` kernels by time (name, ms, launches), and the host calls that waited
-    for the device. Busy well under wall means the device waited for the host (launch gaps, syncs).
+    the wall time, the ``top`` kernels by time (name, ms, launches), the host calls that waited
+    for the device, and (on a GPU) the device's idle gaps charged to the host ops it waited for
+    (``idle_gaps``). Busy well under wall means the device waited for the host (launch gaps, syncs).
     Without CUDA the ops' own CPU time stands in for kernel time (smoke runs)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -87,13 +177,19 @@ def kernel_profile(fn: Callable[[], object], steps: int, top: int = 25) -> dict[
         if us > 0:
             rows.append((event.key, us / 1e3 / steps, event.count // steps))
     rows.sort(key=lambda row: -row[1])
-    return {
+    result = {
         "steps": steps,
         "wall_ms": wall_ms,
         "device_busy_ms": sum(row[1] for row in rows),
         "top_kernels": [{"name": n[:120], "ms": ms, "launches": c} for n, ms, c in rows[:top]],
         "host_waits": sorted(waits, key=lambda w: -w["ms"]),
     }
+    if on_gpu:
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(trace))
+            result["idle_gaps"] = idle_gaps(json.loads(trace.read_text())["traceEvents"], steps)
+    return result
 
 
 def measured_matmul_tflops(n: int = 8192, reps: int = 10) -> float:

@@ -5,13 +5,14 @@
         --compare-to benchmarks/results/train_<1-gpu run>.json        # data-parallel scaling
     torchrun --nproc-per-node 2 tools/bench_train.py --config ... --parallel.context 2 --data.seq_length 32768
 
-For every mode the model is built through the training stack itself (`runner.build_engine`:
-megatron DDP, distributed optimizer, bf16 with fp32 master weights) and fed synthetic token
-batches of the configured shape. Two measurements, each the median of CUDA-event timings after
-warm-up: the forward+backward of one global batch without the optimizer (the figure the SSA
-authors' 1B measurement reports), and the whole step with the optimizer. Also: tokens/s per GPU,
-model TFLOP/s per GPU counting only the main path (full-attention FLOPs, as MFU does) and
-counting every branch that runs, the bf16 matmul rate measured on this GPU, and peak memory.
+The model is built once through the training stack itself (`runner.build_engine`: megatron DDP,
+distributed optimizer, bf16 with fp32 master weights) and fed synthetic token batches of the
+configured shape; the modes take turns on it (one call of each, then the next round), so drift in
+GPU clocks and temperature reaches every mode alike. Two measurements, each the median of
+CUDA-event timings after warm-up: the forward+backward of one global batch without the optimizer
+(the figure the SSA authors' 1B measurement reports), and the whole step with the optimizer.
+Also: tokens/s per GPU, model TFLOP/s per GPU counting only the main path (full-attention FLOPs,
+as MFU does) and counting every branch that runs, the bf16 matmul rate measured on this GPU, and peak memory.
 Prints a table with the issue's targets (MISS where missed) and writes JSON to benchmarks/results/.
 """
 
@@ -23,6 +24,7 @@ import gc
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,86 +81,105 @@ def synthetic_batches(cfg: Any, vocab: int, count: int, seed: int) -> list[dict]
     return batches
 
 
-def bench_mode(
-    args: argparse.Namespace, overrides: list, mode: str, world: int, device: Any
-) -> dict[str, Any]:
+def bench_modes(
+    args: argparse.Namespace, overrides: list, world: int, device: Any
+) -> dict[str, dict[str, Any]]:
+    """One engine, every mode timed on it in turns (see ``interleaved_cuda_times_ms``).
+
+    The modes differ only in ``attention_mode``, which the layers read at run time (the parameters are
+    the same), so one engine serves them all, and with a step of each mode in turn every mode sees the
+    same GPU temperature and clocks. Timed one after the other, the later mode took the drift: in one
+    H200 run, ssa's step times rose from 236 to 254 ms over its eight steps, while full's, timed
+    before, stayed within 209-216 ms.
+    """
     import torch
 
-    from ssa_megatron.benchmarking import cuda_times_ms, kernel_profile
+    from ssa_megatron.benchmarking import interleaved_cuda_times_ms, kernel_profile
     from ssa_megatron.training.config import data_parallel_size, load_config
     from ssa_megatron.training.flops import training_flops_per_sequence
     from ssa_megatron.training.loop import drawn_modes, train_step
     from ssa_megatron.training.runner import build_engine
 
-    cfg0 = load_config(args.config, [*overrides, ("model", "attention_mode", mode)])
-    dp = data_parallel_size(cfg0, world)
-    gbs = cfg0.train.micro_batch_size * dp * args.accum
-    cfg = load_config(
-        args.config,
-        [*overrides, ("model", "attention_mode", mode), ("train", "global_batch_size", str(gbs))],
-    )
+    base = load_config(args.config, overrides)
+    dp = data_parallel_size(base, world)
+    gbs = ("train", "global_batch_size", str(base.train.micro_batch_size * dp * args.accum))
+    cfgs = {mode: load_config(args.config, [*overrides, ("model", "attention_mode", mode), gbs])
+            for mode in args.modes}  # fmt: skip
+    cfg = cfgs[args.modes[0]]
     vocab = cfg.model.vocab_size or args.vocab_size
     engine = build_engine(cfg, vocab, device)
     batches = synthetic_batches(cfg, vocab, args.accum, seed=1234)
     iteration = [0]
-
-    def fwd_bwd() -> None:
-        iteration[0] += 1
-        engine.forward_backward(iteration[0], batches, forward_only=False)
-
-    def full_step() -> None:
-        iteration[0] += 1
-        train_step(engine, iteration[0], batches)
-
     on_gpu = device.type == "cuda"
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    fwd_bwd_samples = cuda_times_ms(fwd_bwd, args.reps, args.warmup)
-    first_step = iteration[0] + args.warmup + 1
-    step_samples = cuda_times_ms(full_step, args.reps, args.warmup)
-    fwd_bwd_ms, step_ms = statistics.median(fwd_bwd_samples), statistics.median(step_samples)
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
+    peaks: dict[str, list[float]] = {mode: [] for mode in args.modes}
+    step_draws: dict[str, list[list[str]]] = {mode: [] for mode in args.modes}
 
-    seq = cfg.data.seq_length
-    seqs_per_gpu = cfg.train.micro_batch_size * args.accum / (cfg.parallel.tensor * cfg.parallel.context)
-    seqs_per_gpu *= 1 / cfg.parallel.pipeline
-    tokens_per_gpu = seqs_per_gpu * seq
-    main_path = dataclasses.replace(cfg.model, attention_mode="full")
-    flops_main = training_flops_per_sequence(main_path, seq, vocab, cfg.train.recompute) * seqs_per_gpu
-    flops_all = training_flops_per_sequence(cfg.model, seq, vocab, cfg.train.recompute) * seqs_per_gpu
-    row = {
-        "mode": mode,
-        "world_size": world,
-        "data_parallel": dp,
-        "tensor": cfg.parallel.tensor,
-        "context": cfg.parallel.context,
-        "pipeline": cfg.parallel.pipeline,
-        "seq_length": seq,
-        "micro_batch": cfg.train.micro_batch_size,
-        "accum": args.accum,
-        "num_layers": cfg.model.num_layers,
-        "fwd_bwd_ms": fwd_bwd_ms,
-        "step_ms": step_ms,
-        "fwd_bwd_tokens_per_s_per_gpu": tokens_per_gpu / (fwd_bwd_ms * 1e-3),
-        "step_tokens_per_s_per_gpu": tokens_per_gpu / (step_ms * 1e-3),
-        "step_tflops_main_path": flops_main / (step_ms * 1e-3) / 1e12,
-        "step_tflops_all_branches": flops_all / (step_ms * 1e-3) / 1e12,
-        "peak_memory_gib": peak_gib,
-        "fwd_bwd_ms_samples": fwd_bwd_samples,
-        "step_ms_samples": step_samples,
-    }
-    # The branch that drove each timed step's micro-batches (in ssa mode both branches always run).
-    row["step_main_branches"] = [
-        drawn_modes(engine.model_config, it, args.accum) for it in range(first_step, first_step + args.reps)
-    ]
-    if args.profile:
-        row["profile_fwd_bwd"] = kernel_profile(fwd_bwd, args.profile)
-        row["profile_step"] = kernel_profile(full_step, args.profile)
-    return row
+    def run_as(mode: str, with_optimizer: bool) -> Callable[[], None]:
+        def run() -> None:
+            engine.model_config.attention_mode = mode
+            iteration[0] += 1
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            if with_optimizer:
+                step_draws[mode].append(drawn_modes(engine.model_config, iteration[0], args.accum))
+                train_step(engine, iteration[0], batches)
+            else:
+                engine.forward_backward(iteration[0], batches, forward_only=False)
+            if on_gpu:
+                peaks[mode].append(torch.cuda.max_memory_allocated() / 2**30)
+
+        return run
+
+    fwd_bwd = {mode: run_as(mode, False) for mode in args.modes}
+    steps = {mode: run_as(mode, True) for mode in args.modes}
+    fwd_bwd_samples = interleaved_cuda_times_ms(fwd_bwd, args.reps, args.warmup)
+    step_samples = interleaved_cuda_times_ms(steps, args.reps, args.warmup)
+
+    rows = {}
+    for mode, mode_cfg in cfgs.items():
+        fwd_bwd_ms = statistics.median(fwd_bwd_samples[mode])
+        step_ms = statistics.median(step_samples[mode])
+        seq = mode_cfg.data.seq_length
+        seqs_per_gpu = mode_cfg.train.micro_batch_size * args.accum / (
+            mode_cfg.parallel.tensor * mode_cfg.parallel.context * mode_cfg.parallel.pipeline
+        )
+        tokens_per_gpu = seqs_per_gpu * seq
+        recompute = mode_cfg.train.recompute
+        main_path = dataclasses.replace(mode_cfg.model, attention_mode="full")
+        flops_main = training_flops_per_sequence(main_path, seq, vocab, recompute) * seqs_per_gpu
+        flops_all = training_flops_per_sequence(mode_cfg.model, seq, vocab, recompute) * seqs_per_gpu
+        row = {
+            "mode": mode,
+            "world_size": world,
+            "data_parallel": dp,
+            "tensor": mode_cfg.parallel.tensor,
+            "context": mode_cfg.parallel.context,
+            "pipeline": mode_cfg.parallel.pipeline,
+            "seq_length": seq,
+            "micro_batch": mode_cfg.train.micro_batch_size,
+            "accum": args.accum,
+            "num_layers": mode_cfg.model.num_layers,
+            "fwd_bwd_ms": fwd_bwd_ms,
+            "step_ms": step_ms,
+            "fwd_bwd_tokens_per_s_per_gpu": tokens_per_gpu / (fwd_bwd_ms * 1e-3),
+            "step_tokens_per_s_per_gpu": tokens_per_gpu / (step_ms * 1e-3),
+            "step_tflops_main_path": flops_main / (step_ms * 1e-3) / 1e12,
+            "step_tflops_all_branches": flops_all / (step_ms * 1e-3) / 1e12,
+            "peak_memory_gib": max(peaks[mode]) if peaks[mode] else None,
+            "fwd_bwd_ms_samples": fwd_bwd_samples[mode],
+            "step_ms_samples": step_samples[mode],
+            # The branch that drove each timed step's micro-batches (in ssa mode both branches run).
+            "step_main_branches": step_draws[mode][-args.reps:],
+        }
+        if args.profile:
+            row["profile_fwd_bwd"] = kernel_profile(fwd_bwd[mode], args.profile)
+            row["profile_step"] = kernel_profile(steps[mode], args.profile)
+        rows[mode] = row
+    return rows
 
 
 def release_model() -> None:
-    """Free the last mode's model and parallel state so the next mode starts from the same memory."""
+    """Free the model and the parallel state."""
     import torch
 
     from ssa_megatron.parallel import destroy_parallel
@@ -170,12 +191,18 @@ def release_model() -> None:
 
 
 def profile_summary(label: str, profile: dict[str, Any], top: int = 5) -> str:
-    """One paragraph of a ``kernel_profile``: busy vs wall, the heaviest kernels, the host waits."""
+    """One paragraph of a ``kernel_profile``: busy vs wall, the heaviest kernels, the host waits, and where
+    the device waited for launches."""
     lines = [f"{label}: device busy {profile['device_busy_ms']:.1f} of {profile['wall_ms']:.1f} ms wall"]
     for kernel in profile["top_kernels"][:top]:
         lines.append(f"    {kernel['ms']:8.2f} ms  x{kernel['launches']:<4} {kernel['name'][:90]}")
     waits = ", ".join(f"{w['name']} x{w['calls']:g}" for w in profile["host_waits"])
     lines.append(f"    host waits: {waits or 'none'}")
+    if "idle_gaps" in profile:
+        gaps = profile["idle_gaps"]
+        lines.append(f"    device idle {gaps['idle_ms']:.1f} ms, waiting for launches from:")
+        for charge in gaps["by_launching_op"][:top]:
+            lines.append(f"    {charge['ms']:8.2f} ms  x{charge['gaps']:<6g} {charge['name'][:110]}")
     return "\n".join(lines)
 
 
@@ -217,10 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     env = detect_launch()
     init_distributed(env, device)
     peak = measured_matmul_tflops() if device.type == "cuda" else None
-    rows = {}
-    for mode in args.modes:
-        rows[mode] = bench_mode(args, overrides, mode, env.world_size, device)
-        release_model()
+    rows = bench_modes(args, overrides, env.world_size, device)
+    release_model()
     scaling = None
     if args.compare_to is not None:
         base = {r["mode"]: r for r in json.loads(args.compare_to.read_text())["rows"]}
