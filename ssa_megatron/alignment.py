@@ -135,28 +135,30 @@ class SSAMetricsTracker:
     ``sparsity``: ``exp(lse_sparse - lse_full)`` (the full-attention mass inside the selected blocks,
     the paper's Definition 1), summed and counted locally, reduced over TP x CP at report time.
     Layers of other pipeline stages are zero here and summed in over the PP group; the result is
-    averaged over DP.
+    averaged over DP. The sums live on the device, the counts on the host: a count is known there, and
+    counting on the device would cost a launch per layer and statistic.
     """
 
     def __init__(self) -> None:
-        self.stats: torch.Tensor | None = None  # [num_layers, 4]: align_sum, align_n, spars_sum, spars_n
+        self.sums: torch.Tensor | None = None  # [num_layers, 2] fp64: alignment parts, sparsity masses
+        self.counts: list[list[int]] = []  # per layer: alignment records, sparsity elements
 
     def _ensure(self, num_layers: int, device: torch.device) -> torch.Tensor:
-        if self.stats is None or self.stats.shape[0] != num_layers:
-            self.stats = torch.zeros(num_layers, 4, dtype=torch.float64, device=device)
-        return self.stats
+        if self.sums is None or self.sums.shape[0] != num_layers:
+            self.sums = torch.zeros(num_layers, 2, dtype=torch.float64, device=device)
+            self.counts = [[0, 0] for _ in range(num_layers)]
+        return self.sums
 
     def record_alignment(self, layer_number: int, num_layers: int, local_part: torch.Tensor) -> None:
-        stats = self._ensure(num_layers, local_part.device)
-        stats[layer_number - 1, 0] += local_part.detach().double()
-        stats[layer_number - 1, 1] += 1
+        self._ensure(num_layers, local_part.device)[layer_number - 1, 0] += local_part.detach()
+        self.counts[layer_number - 1][0] += 1
 
     def record_sparsity(self, layer_number: int, num_layers: int, lse_sparse: torch.Tensor,
                         lse_full: torch.Tensor) -> None:
-        stats = self._ensure(num_layers, lse_full.device)
-        mass = torch.exp((lse_sparse.detach() - lse_full.detach()).double())
-        stats[layer_number - 1, 2] += mass.sum()
-        stats[layer_number - 1, 3] += mass.numel()
+        # exp of a difference <= 0 (up to rounding) is exact enough in fp32; the sum runs in fp64.
+        mass = torch.exp(lse_sparse.detach() - lse_full.detach()).sum(dtype=torch.float64)
+        self._ensure(num_layers, lse_full.device)[layer_number - 1, 1] += mass
+        self.counts[layer_number - 1][1] += lse_full.numel()
 
     def reduce(self, num_layers: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """Collective over PP, TP x CP and DP; every rank must call it. Returns per-layer means
@@ -166,8 +168,11 @@ class SSAMetricsTracker:
         from ssa_megatron.parallel import collective_device
 
         # Where the collectives need it (NCCL reduces only CUDA tensors), even when nothing was recorded.
-        stats = self._ensure(num_layers, device or collective_device()).clone()
-        self.stats = None
+        sums = self._ensure(num_layers, device or collective_device())
+        counts = torch.tensor(self.counts, dtype=torch.float64, device=sums.device)
+        # Columns: align_sum, align_n, spars_sum, spars_n.
+        stats = torch.stack([sums[:, 0], counts[:, 0], sums[:, 1], counts[:, 1]], dim=1)
+        self.sums = None
         if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
             dist.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
             tp_cp = parallel_state.get_tensor_and_context_parallel_group()

@@ -130,6 +130,12 @@ def build_forward_params(
     )
 
 
+def _joined(parts: list[Tensor], dim: int) -> Tensor:
+    # torch.cat copies even a single tensor: one launch and one copy of the output per branch and
+    # layer that the common case (one chunk, one row) does not need.
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 class SSACoreAttention(MegatronModule):
     """Both SSA branches on ``[b, s_local, heads, d]`` tensors, CP-aware, with the alignment loss."""
 
@@ -182,9 +188,9 @@ class SSACoreAttention(MegatronModule):
                     )
                 row_o.append(o)
                 row_lse.append(lse)
-            outs.append(torch.cat(row_o, dim=0))
-            lses.append(torch.cat(row_lse, dim=0))
-        return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+            outs.append(_joined(row_o, 0))
+            lses.append(_joined(row_lse, 0))
+        return _joined(outs, 1), _joined(lses, 1)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, params: SSAForwardParams) -> Tensor:
         """``q`` ``[b, s_local, hq, d]``, ``k``/``v`` ``[b, s_local, hkv, d]`` (this CP rank's chunks)."""

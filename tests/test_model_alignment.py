@@ -117,7 +117,7 @@ def test_tracker_single_process_means() -> None:
     torch.testing.assert_close(out["alignment_loss"][1], torch.tensor(1.0))
     torch.testing.assert_close(out["attention_sparsity"][0], torch.tensor(0.625))
     assert torch.isnan(out["alignment_loss"][0]) and torch.isnan(out["attention_sparsity"][2])
-    assert t.stats is None  # cleared
+    assert t.sums is None  # cleared
 
 
 def _global_body(rank: int, world_size: int, split_dim: int) -> None:

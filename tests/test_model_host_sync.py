@@ -71,4 +71,4 @@ def test_gpu_ssa_core_attention_training_step_without_host_syncs(document_causal
         _without_host_syncs(step)
     finally:
         ssa_mode.clear()
-        tracker.stats = None
+        tracker.sums = None
