@@ -130,16 +130,6 @@ def build_forward_params(
     )
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One side stream per device for the sparse branch (creating a stream per call is not free)."""
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
-    return _SIDE_STREAMS[device]
-
-
 def _joined(parts: list[Tensor], dim: int) -> Tensor:
     # torch.cat copies even a single tensor: one launch and one copy of the output per branch and
     # layer that the common case (one chunk, one row) does not need.
@@ -202,35 +192,6 @@ class SSACoreAttention(MegatronModule):
             lses.append(_joined(row_lse, 0))
         return _joined(outs, 1), _joined(lses, 1)
 
-    def _both_branches(
-        self, q: Tensor, k: Tensor, v: Tensor, params: SSAForwardParams
-    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """``((o_full, lse_full), (o_sparse, lse_sparse))``; on CUDA with ``overlap_branches`` the sparse
-        branch runs on a side stream while the full one runs on the current stream.
-
-        The branches are independent until the alignment loss, and their kernels are bound by different
-        units (cuDNN's by the tensor cores; selection by exp and ALU work; selected attention by gathered
-        loads), so the GPU can run them side by side. Autograd runs each backward on its forward's
-        stream, so the backward kernels overlap too.
-        """
-        if not (self.config.overlap_branches and q.is_cuda):
-            return (self._branch("full", q, k, v, params, params.block_count),
-                    self._branch("sparse", q, k, v, params, params.block_count))  # fmt: skip
-        main = torch.cuda.current_stream(q.device)
-        side = _side_stream(q.device)
-        side.wait_stream(main)  # q, k, v are written on the main stream
-        with torch.cuda.stream(side):
-            sparse = self._branch("sparse", q, k, v, params, params.block_count)
-        full = self._branch("full", q, k, v, params, params.block_count)
-        main.wait_stream(side)
-        # The caching allocator reuses a freed block for its own stream at once: the inputs read on the
-        # side stream and the outputs made there and used on main must be known to both.
-        for t in (q, k, v):
-            t.record_stream(side)
-        for t in sparse:
-            t.record_stream(main)
-        return full, sparse
-
     def forward(self, q: Tensor, k: Tensor, v: Tensor, params: SSAForwardParams) -> Tensor:
         """``q`` ``[b, s_local, hq, d]``, ``k``/``v`` ``[b, s_local, hkv, d]`` (this CP rank's chunks)."""
         cp_group, _, _ = _cp_group_rank_size()
@@ -239,7 +200,8 @@ class SSACoreAttention(MegatronModule):
         config = self.config
         if not self.training or config.attention_mode != "ssa":
             return self._branch(params.mode, q, k, v, params, params.block_count)[0]
-        (o_full, lse_full), (o_sparse, lse_sparse) = self._both_branches(q, k, v, params)
+        o_full, lse_full = self._branch("full", q, k, v, params, params.block_count)
+        o_sparse, lse_sparse = self._branch("sparse", q, k, v, params, params.block_count)
         local = global_alignment_loss(
             o_full, o_sparse, config.alignment_loss, self._tp_cp_group(), config.kernel_backend
         )

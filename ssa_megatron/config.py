@@ -22,8 +22,6 @@ class SSATransformerConfig(TransformerConfig):
     was trained with (the paper evaluates every model under sparse and full inference).
     ``document_causal``: restrict both branches to the current document (boundaries where
     ``position_ids == 0``); the paper's recipe attends across documents (False).
-    ``overlap_branches``: in ssa training on CUDA, launch the sparse branch on a side stream so its
-    kernels can run next to the full branch's (forward and, through autograd, backward); same math.
     """
 
     attention_mode: str = "ssa"
@@ -38,7 +36,6 @@ class SSATransformerConfig(TransformerConfig):
     mode_seed: int = 0
     rotary_base: float = 500000.0
     kernel_backend: str = "auto"
-    overlap_branches: bool = True
 
     def __post_init__(self) -> None:
         groups = self.num_query_groups or self.num_attention_heads

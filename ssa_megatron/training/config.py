@@ -46,8 +46,6 @@ class ModelSection:
     # Eval-time sparse budget (None: block_count), e.g. 64 for the paper's RF 1024.
     inference_block_count: int | None = None
     kernel_backend: str = "auto"
-    # In ssa training on a GPU, run the sparse branch on a side CUDA stream next to the full one.
-    overlap_branches: bool = True
     rotary_base: float = 500000.0
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02

@@ -117,7 +117,6 @@ def model_config(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Any
         mode_seed=t.seed,
         rotary_base=m.rotary_base,
         kernel_backend=m.kernel_backend,
-        overlap_branches=m.overlap_branches,
         **recompute,
     )
 
