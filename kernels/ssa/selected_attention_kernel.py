@@ -300,15 +300,17 @@ def _backward(
     pdk = _alloc.empty(max(n_seg, 1), block_size, d, device=q.device, dtype=torch.float32)
     pdv = _alloc.empty_like(pdk)
     # 128 rows (queries x group heads) per step and 3 stages: 1.31x (8k) and 1.07x (64k) faster than
-    # 64 rows and 2 stages (H200 sweep, 1B layout).
-    qc = max(1, 128 // gp)
+    # 64 rows and 2 stages (H200 sweep, 1B layout). With head_dim 128 that tile needs 242 KB of shared
+    # memory at block_size 64, over Hopper's 227 KB, so larger heads keep the smaller one.
+    rows, stages = (128, 3) if d <= 64 else (64, 2)
+    qc = max(1, rows // gp)
     if n_seg:
         _dkdv_segment_kernel[(n_seg,)](
             q, k, v, do, lse, delta, tok, seg_key, seg_lo, seg_hi, plan.blk_start, plan.blk_len, pdk, pdv,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             lse.stride(0), lse.stride(1), lse.stride(2),
             q_offset, scale * LOG2E, scale, h, g, plan.n_blocks,
-            BS=block_size, GP=gp, QC=qc, D=d, IEEE=ieee, num_warps=4, num_stages=3,
+            BS=block_size, GP=gp, QC=qc, D=d, IEEE=ieee, num_warps=4, num_stages=stages,
         )  # fmt: skip
     dk = _alloc.empty_like(k)
     dv = _alloc.empty_like(v)
