@@ -14,6 +14,8 @@ block that every query selects (an attention sink) is spread over many programs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -210,18 +212,46 @@ def _dkdv_reduce_kernel(
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=(r < klen)[:, None])
 
 
-def _geometry(g: int, block_size: int, keys_per_step: int = 64) -> tuple[int, int]:
-    # The tensor cores need >= 16 rows; KN keys per step (whole blocks) for the K/V tile.
-    return max(16, next_pow2(g)), max(block_size, keys_per_step)
+@dataclass(frozen=True)
+class Launch:
+    """Launch parameters of the three kernels (``tools/sweep_selected_attention.py`` times others).
+
+    The defaults are the fastest of 90 launches timed on an H200 at 8k and 64k tokens (1B layout, bf16;
+    benchmarks/results/sweep_selected_attention_h200_20261128_s5.json): against the previous ones the
+    forward is 1.09x / 1.27x faster with 1 warp and 32 keys per step, dq 1.13x / 1.27x with 2 warps and
+    2 stages, the dk/dv segments 1.31x / 1.07x with 128 rows (queries x group heads) per step and 3
+    stages. The key step changes the forward's bf16 rounding; the others give the same bits.
+    """
+
+    fwd_warps: int = 1
+    fwd_stages: int = 2
+    fwd_keys: int = 32
+    dq_warps: int = 2
+    dq_stages: int = 2
+    dq_keys: int = 64
+    dkdv_rows: int = 128
+    dkdv_stages: int = 3
+    dkdv_warps: int = 4
+
+
+def default_launch(head_dim: int) -> Launch:
+    # The 128-row, 3-stage dk/dv tile needs 242 KB of shared memory at head_dim 128 and block_size 64,
+    # over Hopper's 227 KB (an H200 refused it), so larger heads keep a 64-row, 2-stage tile.
+    return Launch() if head_dim <= 64 else Launch(dkdv_rows=64, dkdv_stages=2)
+
+
+def _group_rows(g: int) -> int:
+    # The tensor cores need >= 16 rows.
+    return max(16, next_pow2(g))
 
 
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int, q_offset: int,
-    scale: float, plan: Plan,
+    scale: float, plan: Plan, launch: Launch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     b, tq, hq, d = q.shape
     h = k.shape[2]
-    gp, kn = _geometry(hq // h, block_size, keys_per_step=32)
+    launch = launch or default_launch(d)
     o = _alloc.empty_like(q)
     lse = _alloc.empty(b, tq, hq, device=q.device, dtype=torch.float32)
     _fwd_kernel[(tq, b * h)](
@@ -230,9 +260,8 @@ def _forward(
         idx.stride(0), idx.stride(1), idx.stride(2), o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         q_offset, scale * LOG2E, h, hq // h, idx.shape[3],
-        # 1 warp, 2 stages, 32 keys per step: the fastest of 27 launches timed on an H200 (1B layout),
-        # 1.09x (8k) and 1.27x (64k) faster than 2 warps with 64 keys.
-        BS=block_size, GP=gp, KN=kn, D=d, IEEE=exact_dots(q.dtype), num_warps=1, num_stages=2,
+        BS=block_size, GP=_group_rows(hq // h), KN=max(block_size, launch.fwd_keys), D=d,
+        IEEE=exact_dots(q.dtype), num_warps=launch.fwd_warps, num_stages=launch.fwd_stages,
     )  # fmt: skip
     return o, lse
 
@@ -274,43 +303,51 @@ def _segments(
     return tok_sorted, seg_key, seg_lo.int(), seg_hi.int(), seg0, nseg.int()
 
 
-def _backward(
+def _dq(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     do: torch.Tensor, dlse: torch.Tensor | None, block_size: int, q_offset: int, scale: float, plan: Plan,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    launch: Launch,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dq, delta)``; ``do`` contiguous, ``dlse`` fp32 contiguous or None."""
     b, tq, hq, d = q.shape
     h = k.shape[2]
-    g = hq // h
-    gp, kn = _geometry(g, block_size)
-    ieee = exact_dots(q.dtype)
-    do = do.contiguous()
-    dlse = None if dlse is None else dlse.float().contiguous()
     delta = _alloc.empty_like(lse)
     dq = _alloc.empty_like(q)
     _dq_kernel[(tq, b * h)](
         q, k, v, idx, o, do, lse, lse if dlse is None else dlse, delta, dq, plan.q_doc,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         idx.stride(0), idx.stride(1), idx.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        q_offset, scale * LOG2E, scale, h, g, idx.shape[3],
-        # 2 warps, 2 stages: 1.13x (8k) and 1.27x (64k) faster than 4 warps, 3 stages (H200 sweep).
-        BS=block_size, GP=gp, KN=kn, D=d, IEEE=ieee, HAS_DLSE=dlse is not None, num_warps=2, num_stages=2,
+        q_offset, scale * LOG2E, scale, h, hq // h, idx.shape[3],
+        BS=block_size, GP=_group_rows(hq // h), KN=max(block_size, launch.dq_keys), D=d,
+        IEEE=exact_dots(q.dtype), HAS_DLSE=dlse is not None, num_warps=launch.dq_warps,
+        num_stages=launch.dq_stages,
     )  # fmt: skip
-    tok, seg_key, seg_lo, seg_hi, seg0, nseg = _segments(idx, plan, h)
+    return dq, delta
+
+
+def _dkdv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: tuple[torch.Tensor, ...], lse: torch.Tensor,
+    delta: torch.Tensor, do: torch.Tensor, block_size: int, q_offset: int, scale: float, plan: Plan,
+    launch: Launch,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dk, dv)`` from the ``_segments`` table: per-segment partials, then each block's segments
+    summed in order."""
+    b, _, hq, d = q.shape
+    h = k.shape[2]
+    g = hq // h
+    gp = _group_rows(g)
+    tok, seg_key, seg_lo, seg_hi, seg0, nseg = segments
     n_seg = seg_key.numel()
     pdk = _alloc.empty(max(n_seg, 1), block_size, d, device=q.device, dtype=torch.float32)
     pdv = _alloc.empty_like(pdk)
-    # 128 rows (queries x group heads) per step and 3 stages: 1.31x (8k) and 1.07x (64k) faster than
-    # 64 rows and 2 stages (H200 sweep, 1B layout). With head_dim 128 that tile needs 242 KB of shared
-    # memory at block_size 64, over Hopper's 227 KB, so larger heads keep the smaller one.
-    rows, stages = (128, 3) if d <= 64 else (64, 2)
-    qc = max(1, rows // gp)
     if n_seg:
         _dkdv_segment_kernel[(n_seg,)](
             q, k, v, do, lse, delta, tok, seg_key, seg_lo, seg_hi, plan.blk_start, plan.blk_len, pdk, pdv,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             lse.stride(0), lse.stride(1), lse.stride(2),
             q_offset, scale * LOG2E, scale, h, g, plan.n_blocks,
-            BS=block_size, GP=gp, QC=qc, D=d, IEEE=ieee, num_warps=4, num_stages=stages,
+            BS=block_size, GP=gp, QC=max(1, launch.dkdv_rows // gp), D=d, IEEE=exact_dots(q.dtype),
+            num_warps=launch.dkdv_warps, num_stages=launch.dkdv_stages,
         )  # fmt: skip
     dk = _alloc.empty_like(k)
     dv = _alloc.empty_like(v)
@@ -319,6 +356,19 @@ def _backward(
         k.stride(0), k.stride(1), k.stride(2), h, plan.n_blocks,
         BS=block_size, D=d,
     )  # fmt: skip
+    return dk, dv
+
+
+def _backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    do: torch.Tensor, dlse: torch.Tensor | None, block_size: int, q_offset: int, scale: float, plan: Plan,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    launch = default_launch(q.shape[-1])
+    do = do.contiguous()
+    dlse = None if dlse is None else dlse.float().contiguous()
+    dq, delta = _dq(q, k, v, idx, o, lse, do, dlse, block_size, q_offset, scale, plan, launch)
+    segments = _segments(idx, plan, k.shape[2])
+    dk, dv = _dkdv(q, k, v, segments, lse, delta, do, block_size, q_offset, scale, plan, launch)
     return dq, dk, dv
 
 

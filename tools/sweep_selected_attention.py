@@ -1,0 +1,162 @@
+"""Time launch parameters of the selected-attention kernels (forward, dq, dk/dv) on this GPU.
+
+    python tools/sweep_selected_attention.py --seq-lens 8192 65536
+
+For one layout (default: the 1B model's 32 query heads, 2 KV heads, head_dim 64, block_size 16,
+block_count 16, bf16, batch 1) and each length, every launch of a grid is timed per kernel (median of
+CUDA-event timings after warm-up) next to the shipped one (`default_launch` in
+kernels/ssa/selected_attention_kernel.py), and its output is compared with the shipped launch's
+(relative error by the norm). A launch the GPU refuses (e.g. too much shared memory) is a row with
+its error. Prints the fastest launch per kernel and length and writes JSON to benchmarks/results/.
+The shipped launches came from such a run on an H200; rerun it on another GPU to check them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LAYOUT_ARGS = ("q_heads", "kv_heads", "head_dim", "block_size", "block_count")
+# Per kernel, the Launch fields swept and their values.
+GRIDS = {
+    "fwd": {"fwd_warps": (1, 2, 4), "fwd_stages": (1, 2, 3), "fwd_keys": (32, 64, 128)},
+    "dq": {"dq_warps": (2, 4, 8), "dq_stages": (1, 2, 3), "dq_keys": (32, 64, 128)},
+    "dkdv": {"dkdv_warps": (2, 4, 8), "dkdv_stages": (1, 2, 3), "dkdv_rows": (16, 32, 64, 128)},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 65536])
+    p.add_argument("--q-heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-count", type=int, default=16)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quick", action="store_true",
+                   help="only the first two launches of each grid (smoke runs under TRITON_INTERPRET=1)")
+    p.add_argument("--out", type=Path,
+                   help="JSON path (default benchmarks/results/sweep_selected_attention_<time>.json)")
+    args = p.parse_args(argv)
+    if args.reps < 1 or args.warmup < 0:
+        p.error("--reps must be >= 1 and --warmup >= 0")
+    if args.q_heads % args.kv_heads:
+        p.error(f"--q-heads {args.q_heads} must be a multiple of --kv-heads {args.kv_heads}")
+    return args
+
+
+def launches(kernel: str, quick: bool) -> list[dict[str, int]]:
+    fields = GRIDS[kernel]
+    grid = [dict(zip(fields, values, strict=True)) for values in itertools.product(*fields.values())]
+    return grid[:2] if quick else grid
+
+
+def kernel_calls(args: argparse.Namespace, t: int, device: Any) -> dict[str, Callable[[Any], Any]]:
+    """Per kernel, a function of a Launch that runs it once on fixed inputs and returns its output."""
+    import torch
+
+    from kernels import ssa
+    from kernels.ssa import selected_attention_kernel as sak
+    from kernels.ssa._plan import make_plan
+
+    gen = torch.Generator(device=device).manual_seed(t)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    heads = (args.q_heads, args.kv_heads, args.kv_heads, args.q_heads)
+    q, k, v, do = (torch.randn(1, t, n, args.head_dim, device=device, generator=gen).to(dtype) for n in heads)
+    bs, scale = args.block_size, args.head_dim**-0.5
+    plan = make_plan(None, 1, t, 0, t, bs, q.device)
+    _, _, idx = ssa.sparse_attention(q, k, v, bs, args.block_count, backend="triton")
+    idx = idx.contiguous()
+    shipped = sak.default_launch(args.head_dim)
+    o, lse = sak._forward(q, k, v, idx, bs, 0, scale, plan, shipped)
+    _, delta = sak._dq(q, k, v, idx, o, lse, do, None, bs, 0, scale, plan, shipped)
+    # Built once: the segment table does not depend on the launch (and its small ops would make the
+    # dk/dv timing host-bound).
+    segments = sak._segments(idx, plan, args.kv_heads)
+    return {
+        "fwd": lambda launch: sak._forward(q, k, v, idx, bs, 0, scale, plan, launch)[0],
+        "dq": lambda launch: sak._dq(q, k, v, idx, o, lse, do, None, bs, 0, scale, plan, launch)[0],
+        "dkdv": lambda launch: torch.cat(
+            sak._dkdv(q, k, v, segments, lse, delta, do, bs, 0, scale, plan, launch)
+        ),
+    }
+
+
+def sweep_length(args: argparse.Namespace, t: int, device: Any) -> list[dict[str, Any]]:
+    from kernels.ssa.selected_attention_kernel import default_launch
+    from ssa_megatron.benchmarking import cuda_time_ms
+
+    shipped = default_launch(args.head_dim)
+    rows = []
+    for kernel, call in kernel_calls(args, t, device).items():
+        reference = call(shipped).float()
+        shipped_ms = cuda_time_ms(partial(call, shipped), args.reps, args.warmup)
+        for fields in launches(kernel, args.quick):
+            launch = dataclasses.replace(shipped, **fields)
+            row: dict[str, Any] = {"T": t, "kernel": kernel, "launch": fields, "shipped_ms": shipped_ms}
+            try:
+                out = call(launch).float()  # compiles it, too
+                row["rel_err_vs_shipped"] = ((out - reference).norm() / reference.norm()).item()
+                row["ms"] = cuda_time_ms(partial(call, launch), args.reps, args.warmup)
+            except Exception as error:  # a launch the GPU refuses is a result, not a crash
+                row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def fastest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    best: dict[tuple[int, str], dict[str, Any]] = {}
+    for row in rows:
+        key = (row["T"], row["kernel"])
+        if "ms" in row and (key not in best or row["ms"] < best[key]["ms"]):
+            best[key] = row
+    return list(best.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from kernels.ssa.selected_attention_kernel import default_launch
+    from ssa_megatron.benchmarking import environment, write_result
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        device = torch.device("cpu")
+        print("sweep_selected_attention: Triton interpreter on CPU; a smoke run, not benchmark figures")
+    else:
+        print("sweep_selected_attention needs a CUDA GPU (or TRITON_INTERPRET=1 for a smoke run)",
+              file=sys.stderr)
+        return 2
+    rows = [row for t in args.seq_lens for row in sweep_length(args, t, device)]
+    best = fastest(rows)
+    for row in best:
+        print(f"T={row['T']} {row['kernel']}: fastest {row['launch']} {row['ms']:.4f} ms "
+              f"(shipped {row['shipped_ms']:.4f} ms)")  # fmt: skip
+    result = {
+        **environment(),
+        "layout": {k: getattr(args, k) for k in LAYOUT_ARGS},
+        "shipped_launch": dataclasses.asdict(default_launch(args.head_dim)),
+        "rows": rows,
+        "fastest": best,
+    }
+    print(f"wrote {write_result(result, 'sweep_selected_attention', args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
