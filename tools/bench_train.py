@@ -102,10 +102,8 @@ def bench_modes(
 
     base = load_config(args.config, overrides)
     dp = data_parallel_size(base, world)
-    gbs = ("train", "global_batch_size", str(base.train.micro_batch_size * dp * args.accum))
-    cfgs = {mode: load_config(args.config, [*overrides, ("model", "attention_mode", mode), gbs])
-            for mode in args.modes}  # fmt: skip
-    cfg = cfgs[args.modes[0]]
+    gbs = base.train.micro_batch_size * dp * args.accum
+    cfg = load_config(args.config, [*overrides, ("train", "global_batch_size", str(gbs))])
     vocab = cfg.model.vocab_size or args.vocab_size
     engine = build_engine(cfg, vocab, device)
     batches = synthetic_batches(cfg, vocab, args.accum, seed=1234)
@@ -135,30 +133,32 @@ def bench_modes(
     fwd_bwd_samples = interleaved_cuda_times_ms(fwd_bwd, args.reps, args.warmup)
     step_samples = interleaved_cuda_times_ms(steps, args.reps, args.warmup)
 
+    seq = cfg.data.seq_length
+    par = cfg.parallel
+    seqs_per_gpu = cfg.train.micro_batch_size * args.accum / (par.tensor * par.context * par.pipeline)
+    tokens_per_gpu = seqs_per_gpu * seq
+
+    def flops_per_gpu(attention_mode: str) -> float:
+        model = dataclasses.replace(cfg.model, attention_mode=attention_mode)
+        return training_flops_per_sequence(model, seq, vocab, cfg.train.recompute) * seqs_per_gpu
+
+    flops_main = flops_per_gpu("full")  # MFU counts the main path only
     rows = {}
-    for mode, mode_cfg in cfgs.items():
+    for mode in args.modes:
         fwd_bwd_ms = statistics.median(fwd_bwd_samples[mode])
         step_ms = statistics.median(step_samples[mode])
-        seq = mode_cfg.data.seq_length
-        seqs_per_gpu = mode_cfg.train.micro_batch_size * args.accum / (
-            mode_cfg.parallel.tensor * mode_cfg.parallel.context * mode_cfg.parallel.pipeline
-        )
-        tokens_per_gpu = seqs_per_gpu * seq
-        recompute = mode_cfg.train.recompute
-        main_path = dataclasses.replace(mode_cfg.model, attention_mode="full")
-        flops_main = training_flops_per_sequence(main_path, seq, vocab, recompute) * seqs_per_gpu
-        flops_all = training_flops_per_sequence(mode_cfg.model, seq, vocab, recompute) * seqs_per_gpu
+        flops_all = flops_per_gpu(mode)
         row = {
             "mode": mode,
             "world_size": world,
             "data_parallel": dp,
-            "tensor": mode_cfg.parallel.tensor,
-            "context": mode_cfg.parallel.context,
-            "pipeline": mode_cfg.parallel.pipeline,
+            "tensor": par.tensor,
+            "context": par.context,
+            "pipeline": par.pipeline,
             "seq_length": seq,
-            "micro_batch": mode_cfg.train.micro_batch_size,
+            "micro_batch": cfg.train.micro_batch_size,
             "accum": args.accum,
-            "num_layers": mode_cfg.model.num_layers,
+            "num_layers": cfg.model.num_layers,
             "fwd_bwd_ms": fwd_bwd_ms,
             "step_ms": step_ms,
             "fwd_bwd_tokens_per_s_per_gpu": tokens_per_gpu / (fwd_bwd_ms * 1e-3),
