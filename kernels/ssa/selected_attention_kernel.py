@@ -247,11 +247,10 @@ def _group_rows(g: int) -> int:
 
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int, q_offset: int,
-    scale: float, plan: Plan, launch: Launch | None = None,
+    scale: float, plan: Plan, launch: Launch,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     b, tq, hq, d = q.shape
     h = k.shape[2]
-    launch = launch or default_launch(d)
     o = _alloc.empty_like(q)
     lse = _alloc.empty(b, tq, hq, device=q.device, dtype=torch.float32)
     _fwd_kernel[(tq, b * h)](
@@ -385,7 +384,7 @@ class SelectedAttention(torch.autograd.Function):
         scale: float,
         plan: Plan,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        o, lse = _forward(q, k, v, idx, block_size, q_offset, scale, plan)
+        o, lse = _forward(q, k, v, idx, block_size, q_offset, scale, plan, default_launch(q.shape[-1]))
         ctx.save_for_backward(q, k, v, idx, o, lse)
         ctx.args = (block_size, q_offset, scale, plan)
         return o, lse
