@@ -208,10 +208,49 @@ def test_dense_attention_with_offset_and_documents(
 def test_dk_dv_split_into_many_segments(monkeypatch: pytest.MonkeyPatch, segment: int) -> None:
     # Blocks selected by more queries than one segment holds (every own block, the early blocks)
     # are summed over several partials; the host-bounded segment table leaves some segments empty.
-    from kernels.ssa import selected_attention_kernel
+    from kernels.ssa import segment_table
 
-    monkeypatch.setattr(selected_attention_kernel, "SEG", segment)
+    monkeypatch.setattr(segment_table, "SEG", segment)
     check_attention(1, 70, 2, 3, 32, 16, 3, (5, 70), [0, 33, 33, 70], torch.float32, seed=segment)
+
+
+@pytest.mark.parametrize(
+    ("b", "t", "h", "bs", "bc", "qr", "bounds", "segment"),
+    [(2, 90, 2, 16, 4, None, None, 5), (1, 70, 2, 16, 3, (5, 70), [0, 33, 33, 70], 256)],
+)
+def test_segment_table_lists_each_pair_once_in_query_order(
+    monkeypatch: pytest.MonkeyPatch, b: int, t: int, h: int, bs: int, bc: int, qr: tuple[int, int] | None,
+    bounds: list[int] | None, segment: int,
+) -> None:  # fmt: skip
+    from kernels.ssa import segment_table
+    from kernels.ssa._plan import make_plan
+
+    monkeypatch.setattr(segment_table, "SEG", segment)
+    q, k, _ = make(b, t, h, 2, 16, torch.float32, seed=t + segment)
+    lo, hi = qr or (0, t)
+    kb = ssa.block_keys(k, bs, cu_seqlens=cu(bounds), backend="naive")
+    idx = ssa.select_blocks(q[:, lo:hi], kb, bs, bc, q_offset=lo, cu_seqlens=cu(bounds), backend="naive")
+    plan = make_plan(cu(bounds), b, t, lo, hi - lo, bs, q.device)
+    with poisoned_outputs():
+        table = segment_table.segment_table(idx.int().contiguous(), plan, h)
+
+    # Expected: each key's selecting query rows, ascending (the order its dk/dv sums run in).
+    want: dict[int, list[int]] = {}
+    for bi, ti, hi_, slot in torch.nonzero(idx >= 0).tolist():
+        key = (bi * h + hi_) * plan.n_blocks + int(plan.q_base[ti]) + int(idx[bi, ti, hi_, slot])
+        want.setdefault(key, []).append(ti)
+    total = int(table.seg_end[-1])
+    assert table.seg_key.numel() >= total
+    for key in range(b * h * plan.n_blocks):
+        first, n = int(table.seg_end[key] - table.nseg[key]), int(table.nseg[key])
+        got = []
+        for s in range(first, first + n):
+            assert int(table.seg_key[s]) == key
+            span = range(int(table.seg_lo[s]), int(table.seg_hi[s]))
+            assert 0 < len(span) <= segment
+            got += [int(table.order[p]) // (h * bc) % (hi - lo) for p in span]
+        assert got == want.get(key, []), f"key {key}"
+    assert sum(len(v) for v in want.values()) == int((idx >= 0).sum())
 
 
 def test_sparse_branch_end_to_end() -> None:

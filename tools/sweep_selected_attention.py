@@ -69,6 +69,7 @@ def kernel_calls(args: argparse.Namespace, t: int, device: Any) -> dict[str, Cal
     from kernels import ssa
     from kernels.ssa import selected_attention_kernel as sak
     from kernels.ssa._plan import make_plan
+    from kernels.ssa.segment_table import segment_table
 
     gen = torch.Generator(device=device).manual_seed(t)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -83,12 +84,12 @@ def kernel_calls(args: argparse.Namespace, t: int, device: Any) -> dict[str, Cal
     _, delta = sak._dq(q, k, v, idx, o, lse, do, None, bs, 0, scale, plan, shipped)
     # Built once: the segment table does not depend on the launch (and its small ops would make the
     # dk/dv timing host-bound).
-    segments = sak._segments(idx, plan, args.kv_heads)
+    table = segment_table(idx, plan, args.kv_heads)
     return {
         "fwd": lambda launch: sak._forward(q, k, v, idx, bs, 0, scale, plan, launch)[0],
         "dq": lambda launch: sak._dq(q, k, v, idx, o, lse, do, None, bs, 0, scale, plan, launch)[0],
         "dkdv": lambda launch: torch.cat(
-            sak._dkdv(q, k, v, segments, lse, delta, do, bs, 0, scale, plan, launch)
+            sak._dkdv(q, k, v, table, lse, delta, do, bs, 0, scale, plan, launch)
         ),
     }
 

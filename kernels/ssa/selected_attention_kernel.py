@@ -5,11 +5,11 @@ as GP rows (padded to >= 16 for the tensor cores) and walks its selected blocks 
 time with an online softmax; the group shares its selections, so every K/V tile it loads serves
 all G heads.
 
-dk/dv without float atomics: the (query, block) pairs are sorted by key block on the host
-(stable argsort, so each block's query list is in query order) and cut into segments of at
-most SEG queries. One program per segment accumulates that segment's dk/dv partial in fp32;
-a second kernel sums each block's segments in order. Same inputs, same bits, every run, and a
-block that every query selects (an attention sink) is spread over many programs.
+dk/dv without float atomics: the (query, block) pairs are grouped by key block in query order
+and cut into segments of at most SEG queries (segment_table). One program per segment
+accumulates that segment's dk/dv partial in fp32; a second kernel sums each block's segments in
+order. Same inputs, same bits, every run, and a block that every query selects (an attention
+sink) is spread over many programs.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import triton.language as tl
 
 from kernels.ssa import _alloc
 from kernels.ssa._plan import Plan, next_pow2
+from kernels.ssa.segment_table import SegmentTable, segment_table
 from kernels.ssa.selection_kernel import LOG2E, _dot, exact_dots
-
-SEG = 256  # queries per dk/dv program
 
 
 @triton.jit
@@ -133,15 +132,18 @@ def _dq_kernel(
 
 @triton.jit
 def _dkdv_segment_kernel(
-    Q, K, V, DO, LSE, DELTA, TOK, SEG_KEY, SEG_LO, SEG_HI, BLK_START, BLK_LEN, PDK, PDV,
+    Q, K, V, DO, LSE, DELTA, ORDER, SEG_KEY, SEG_LO, SEG_HI, SEG_END, BLK_START, BLK_LEN, PDK, PDV,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_t, sl_h,
-    q_offset, qk_scale, scale, H, G, NB,
+    q_offset, qk_scale, scale, H, G, NB, N_KEYS, TQ, HBC,
     BS: tl.constexpr, GP: tl.constexpr, QC: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     seg = tl.program_id(0).to(tl.int64)
-    key = tl.load(SEG_KEY + seg)
-    lo = tl.load(SEG_LO + seg)
-    hi = tl.load(SEG_HI + seg)
+    # The grid is the host's bound on the segment count; the ones past the real count (unwritten
+    # table entries) run empty on block 0.
+    real = seg < tl.load(SEG_END + N_KEYS - 1)
+    key = tl.load(SEG_KEY + seg, mask=real, other=0)
+    lo = tl.load(SEG_LO + seg, mask=real, other=0)
+    hi = tl.load(SEG_HI + seg, mask=real, other=0)
     bh = key // NB
     row = key % NB
     b = (bh // H).to(tl.int64)
@@ -163,7 +165,7 @@ def _dkdv_segment_kernel(
     for j0 in range(lo, hi, QC):
         jj = j0 + t_in
         t_ok = jj < hi
-        tok = tl.load(TOK + jj, mask=t_ok, other=0).to(tl.int64)
+        tok = tl.load(ORDER + jj, mask=t_ok, other=0) // HBC % TQ
         row_ok = t_ok & (g < G)
         qo_off = b * sq_b + tok[:, None] * sq_t + (h * G + g)[:, None] * sq_h + d[None, :]
         q = tl.load(Q + qo_off, mask=row_ok[:, None], other=0.0)
@@ -186,7 +188,7 @@ def _dkdv_segment_kernel(
 
 @triton.jit
 def _dkdv_reduce_kernel(
-    PDK, PDV, KEY_SEG0, KEY_NSEG, BLK_START, BLK_LEN, DK, DV,
+    PDK, PDV, SEG_END, NSEG, BLK_START, BLK_LEN, DK, DV,
     sk_b, sk_t, sk_h, H, NB,
     BS: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
@@ -195,8 +197,8 @@ def _dkdv_reduce_kernel(
     row = key % NB
     b = (bh // H).to(tl.int64)
     h = bh % H
-    first = tl.load(KEY_SEG0 + key)
-    count = tl.load(KEY_NSEG + key)
+    count = tl.load(NSEG + key)
+    first = tl.load(SEG_END + key) - count
     r = tl.arange(0, BS)
     d = tl.arange(0, D)
     dk = tl.zeros([BS, D], tl.float32)
@@ -265,43 +267,6 @@ def _forward(
     return o, lse
 
 
-def _segments(
-    idx: torch.Tensor, plan: Plan, h: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Queries grouped by the key block they selected, cut into segments of at most SEG.
-
-    Nothing here waits for the GPU: the segment count is bounded on the host (each key block has at
-    most one partial segment) and the surplus segments are empty (lo == hi). A host sync in the
-    backward (bincount, repeat_interleave) cost ~1 ms per layer at 8k tokens.
-    """
-    b, tq, _, bc = idx.shape
-    dev = idx.device
-    n_keys = b * h * plan.n_blocks
-    sel = idx.int()
-    rows = sel + plan.q_base.view(1, tq, 1, 1)
-    bh = torch.arange(b * h, device=dev, dtype=torch.int32).view(b, 1, h, 1)
-    # Unused slots (-1) get the key n_keys and sort after every real one.
-    keys = torch.where(sel >= 0, bh * plan.n_blocks + rows, n_keys).reshape(-1)
-    # Stable: within a block, queries stay in ascending order, so sums run in a fixed order.
-    keys_sorted, order = torch.sort(keys, stable=True)
-    tok_sorted = ((order // (h * bc)) % tq).int()
-    key_ids = torch.arange(n_keys + 1, device=dev, dtype=torch.int32)
-    bounds = torch.searchsorted(keys_sorted, key_ids).int()
-    starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
-    nseg = (counts + SEG - 1) // SEG
-    seg_end = torch.cumsum(nseg, 0, dtype=torch.int32)
-    seg0 = seg_end - nseg
-    max_segments = n_keys + -(-keys.numel() // SEG)
-    seg = torch.arange(max_segments, device=dev, dtype=torch.int32)
-    seg_key = torch.searchsorted(seg_end, seg, right=True).int()
-    real = seg_key < n_keys
-    seg_key = seg_key.clamp(max=max(n_keys - 1, 0))
-    seg_lo = starts[seg_key] + (seg - seg0[seg_key]) * SEG
-    seg_hi = torch.minimum(seg_lo + SEG, starts[seg_key] + counts[seg_key])
-    seg_lo, seg_hi = torch.where(real, seg_lo, 0), torch.where(real, seg_hi, 0)
-    return tok_sorted, seg_key, seg_lo.int(), seg_hi.int(), seg0, nseg.int()
-
-
 def _dq(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     do: torch.Tensor, dlse: torch.Tensor | None, block_size: int, q_offset: int, scale: float, plan: Plan,
@@ -325,33 +290,34 @@ def _dq(
 
 
 def _dkdv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: tuple[torch.Tensor, ...], lse: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: SegmentTable, lse: torch.Tensor,
     delta: torch.Tensor, do: torch.Tensor, block_size: int, q_offset: int, scale: float, plan: Plan,
     launch: Launch,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(dk, dv)`` from the ``_segments`` table: per-segment partials, then each block's segments
-    summed in order."""
-    b, _, hq, d = q.shape
+    """``(dk, dv)`` from the segment table: per-segment partials, then each block's segments summed
+    in order."""
+    b, tq, hq, d = q.shape
     h = k.shape[2]
     g = hq // h
     gp = _group_rows(g)
-    tok, seg_key, seg_lo, seg_hi, seg0, nseg = segments
-    n_seg = seg_key.numel()
-    pdk = _alloc.empty(max(n_seg, 1), block_size, d, device=q.device, dtype=torch.float32)
+    n_seg = table.seg_key.numel()
+    n_keys = b * h * plan.n_blocks
+    pairs_per_token = table.order.numel() // (b * tq)  # H * block_count
+    pdk = _alloc.empty(n_seg, block_size, d, device=q.device, dtype=torch.float32)
     pdv = _alloc.empty_like(pdk)
-    if n_seg:
-        _dkdv_segment_kernel[(n_seg,)](
-            q, k, v, do, lse, delta, tok, seg_key, seg_lo, seg_hi, plan.blk_start, plan.blk_len, pdk, pdv,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            lse.stride(0), lse.stride(1), lse.stride(2),
-            q_offset, scale * LOG2E, scale, h, g, plan.n_blocks,
-            BS=block_size, GP=gp, QC=max(1, launch.dkdv_rows // gp), D=d, IEEE=exact_dots(q.dtype),
-            num_warps=launch.dkdv_warps, num_stages=launch.dkdv_stages,
-        )  # fmt: skip
+    _dkdv_segment_kernel[(n_seg,)](
+        q, k, v, do, lse, delta, table.order, table.seg_key, table.seg_lo, table.seg_hi, table.seg_end,
+        plan.blk_start, plan.blk_len, pdk, pdv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        q_offset, scale * LOG2E, scale, h, g, plan.n_blocks, n_keys, tq, pairs_per_token,
+        BS=block_size, GP=gp, QC=max(1, launch.dkdv_rows // gp), D=d, IEEE=exact_dots(q.dtype),
+        num_warps=launch.dkdv_warps, num_stages=launch.dkdv_stages,
+    )  # fmt: skip
     dk = _alloc.empty_like(k)
     dv = _alloc.empty_like(v)
-    _dkdv_reduce_kernel[(b * h * plan.n_blocks,)](
-        pdk, pdv, seg0, nseg, plan.blk_start, plan.blk_len, dk, dv,
+    _dkdv_reduce_kernel[(n_keys,)](
+        pdk, pdv, table.seg_end, table.nseg, plan.blk_start, plan.blk_len, dk, dv,
         k.stride(0), k.stride(1), k.stride(2), h, plan.n_blocks,
         BS=block_size, D=d,
     )  # fmt: skip
@@ -366,8 +332,8 @@ def _backward(
     do = do.contiguous()
     dlse = None if dlse is None else dlse.float().contiguous()
     dq, delta = _dq(q, k, v, idx, o, lse, do, dlse, block_size, q_offset, scale, plan, launch)
-    segments = _segments(idx, plan, k.shape[2])
-    dk, dv = _dkdv(q, k, v, segments, lse, delta, do, block_size, q_offset, scale, plan, launch)
+    table = segment_table(idx, plan, k.shape[2])
+    dk, dv = _dkdv(q, k, v, table, lse, delta, do, block_size, q_offset, scale, plan, launch)
     return dq, dk, dv
 
 
