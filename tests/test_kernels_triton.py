@@ -253,6 +253,25 @@ def test_segment_table_lists_each_pair_once_in_query_order(
     assert sum(len(v) for v in want.values()) == int((idx >= 0).sum())
 
 
+def test_gather_bound_sums_exactly_the_rows_the_forward_reads() -> None:
+    from kernels.ssa._plan import make_plan
+    from kernels.ssa.gather_bound import gathered_sums
+    from kernels.ssa.selected_attention_kernel import default_launch
+
+    b, t, h, bs, bc, lo = 2, 70, 2, 16, 3, 5
+    q, k, v = make(b, t, h, 2, 16, torch.float32, seed=4)
+    kb = ssa.block_keys(k, bs, backend="naive")
+    idx = ssa.select_blocks(q[:, lo:], kb, bs, bc, q_offset=lo, backend="naive").int().contiguous()
+    plan = make_plan(None, b, t, lo, t - lo, bs, q.device)
+    got = gathered_sums(k, v, idx, bs, lo, plan, default_launch(16))
+    want = torch.zeros_like(got)
+    for bi, ti, hi, slot in torch.nonzero(idx >= 0).tolist():
+        pos, first = lo + ti, int(idx[bi, ti, hi, slot]) * bs
+        rows = slice(first, min(first + bs, pos + 1))
+        want[ti, bi * h + hi] += (k[bi, rows, hi] + v[bi, rows, hi]).sum(0)
+    assert rel(got, want) < 1e-5
+
+
 def test_sparse_branch_end_to_end() -> None:
     q, k, v = make(1, 50, 1, 2, 64, torch.float32, seed=21)
     with poisoned_outputs():

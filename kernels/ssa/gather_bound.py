@@ -1,0 +1,69 @@
+"""The selected-attention forward's loads without its math: a measured floor under its time.
+
+Each program reads exactly what ``_fwd_kernel`` reads (the same grid, key step, masks and launch)
+and only sums the K and V rows, so its time is what the memory system needs to deliver the
+gathered tiles. ``tools/bench_kernels.py`` times it next to the forward: where the two are close,
+the forward is bound by the gather (L2 bandwidth for random selections), not by its arithmetic, and
+no tuning of the math can reach a FLOP rate above ``flops / gather time``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.ssa._plan import Plan
+from kernels.ssa.selected_attention_kernel import Launch
+
+
+@triton.jit
+def _gather_kernel(
+    K, V, IDX, OUT, QDOC,
+    sk_b, sk_t, sk_h, si_b, si_t, si_h, so_t, so_bh,
+    q_offset, H, BC,
+    BS: tl.constexpr, KN: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
+    i = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    d = tl.arange(0, D)
+    doc = tl.load(QDOC + i).to(tl.int64)
+    loc = q_offset + i - doc
+    kk = tl.arange(0, KN)
+    c_in = kk // BS
+    r = kk % BS
+    acc = tl.zeros([D], tl.float32)
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sk_b + h * sk_h
+    for c0 in range(0, BC, KN // BS):
+        c = c0 + c_in
+        blk = tl.load(IDX + b * si_b + i * si_t + h * si_h + c, mask=c < BC, other=-1)
+        kloc = blk * BS + r
+        ok = (blk >= 0) & (kloc <= loc)
+        kpos = doc + kloc
+        kt = tl.load(k_base + kpos[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
+        vt = tl.load(v_base + kpos[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
+        acc += tl.sum(kt.to(tl.float32) + vt.to(tl.float32), 0)
+    tl.store(OUT + i * so_t + bh * so_bh + d, acc)
+
+
+def gathered_sums(
+    k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int, q_offset: int, plan: Plan,
+    launch: Launch,
+) -> torch.Tensor:  # fmt: skip
+    """fp32 ``[Tq, B * H, D]``: per query and KV head, the sum of the K and V rows the forward reads
+    (its selected blocks, causal inside them). ``k``, ``v``, ``idx`` contiguous."""
+    b, _, h, d = k.shape
+    tq = idx.shape[1]
+    out = torch.empty(tq, b * h, d, device=k.device, dtype=torch.float32)
+    _gather_kernel[(tq, b * h)](
+        k, v, idx, out, plan.q_doc,
+        k.stride(0), k.stride(1), k.stride(2), idx.stride(0), idx.stride(1), idx.stride(2),
+        out.stride(0), out.stride(1),
+        q_offset, h, idx.shape[3],
+        BS=block_size, KN=max(block_size, launch.fwd_keys), D=d,
+        num_warps=launch.fwd_warps, num_stages=launch.fwd_stages,
+    )  # fmt: skip
+    return out
