@@ -50,6 +50,7 @@ def test_override_args_reject_plain_flags() -> None:
         ("", ["--parallel.tensor", "2"], 3, "world size 3 is not divisible"),
         ("", ["--train.global_batch_size", "6"], 2, "global_batch_size=6 is not divisible"),
         ("", ["--train.nan_policy", "ignore"], 1, "nan_policy='ignore'"),
+        ("", ["--train.gc_interval", "-1"], 1, "train.gc_interval=-1 must be >= 0"),
         ("", ["--train.engine", "deepspeed"], 1, "needs a DeepSpeed JSON config"),
         ("", ["--optim.min_lr", "1"], 1, "optim.min_lr=1.0 must lie in"),
         ("", ["--data.seq_length", "66", "--parallel.context", "2"], 1, "divisible by 2 x parallel.context"),

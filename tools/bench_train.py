@@ -97,6 +97,7 @@ def bench_modes(
     from ssa_megatron.benchmarking import interleaved_cuda_times_ms, kernel_profile
     from ssa_megatron.training.config import data_parallel_size, load_config
     from ssa_megatron.training.flops import training_flops_per_sequence
+    from ssa_megatron.training.gc_schedule import ScheduledGC
     from ssa_megatron.training.loop import drawn_modes, train_step
     from ssa_megatron.training.runner import build_engine
 
@@ -108,6 +109,8 @@ def bench_modes(
     engine = build_engine(cfg, vocab, device)
     batches = synthetic_batches(cfg, vocab, args.accum, seed=1234)
     iteration = [0]
+    # Garbage collection as the training loop schedules it (train.gc_interval; 0: automatic).
+    collector = ScheduledGC(cfg.train.gc_interval)
     on_gpu = device.type == "cuda"
     peaks: dict[str, list[float]] = {mode: [] for mode in args.modes}
     step_draws: dict[str, list[list[str]]] = {mode: [] for mode in args.modes}
@@ -125,13 +128,20 @@ def bench_modes(
                 engine.forward_backward(iteration[0], batches, forward_only=False)
             if on_gpu:
                 peaks[mode].append(torch.cuda.max_memory_allocated() / 2**30)
+            collector.step(iteration[0])
 
         return run
 
     fwd_bwd = {mode: run_as(mode, False) for mode in args.modes}
     steps = {mode: run_as(mode, True) for mode in args.modes}
-    fwd_bwd_samples = interleaved_cuda_times_ms(fwd_bwd, args.reps, args.warmup)
-    step_samples = interleaved_cuda_times_ms(steps, args.reps, args.warmup)
+    with collector:
+        fwd_bwd_samples = interleaved_cuda_times_ms(fwd_bwd, args.reps, args.warmup)
+        step_samples = interleaved_cuda_times_ms(steps, args.reps, args.warmup)
+        profiles = {
+            mode: {"profile_fwd_bwd": kernel_profile(fwd_bwd[mode], args.profile),
+                   "profile_step": kernel_profile(steps[mode], args.profile)}
+            for mode in (args.modes if args.profile else [])
+        }  # fmt: skip
 
     seq = cfg.data.seq_length
     par = cfg.parallel
@@ -171,10 +181,7 @@ def bench_modes(
             # The branch that drove each timed step's micro-batches (in ssa mode both branches run).
             "step_main_branches": step_draws[mode][-args.reps:],
         }
-        if args.profile:
-            row["profile_fwd_bwd"] = kernel_profile(fwd_bwd[mode], args.profile)
-            row["profile_step"] = kernel_profile(steps[mode], args.profile)
-        rows[mode] = row
+        rows[mode] = row | profiles.get(mode, {})
     return rows
 
 

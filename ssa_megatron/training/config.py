@@ -93,6 +93,9 @@ class TrainSection:
     # What a non-finite loss or grad norm does: "skip" drops the update, "stop" ends the run.
     nan_policy: str = "skip"
     max_skipped_steps: int = 10
+    # Python garbage collection every this many iterations, automatic collection off in between
+    # (training/gc_schedule.py); 0 keeps Python's automatic collector.
+    gc_interval: int = 50
     # "megatron" (DDP + megatron optimizer) or "deepspeed" (DeepSpeed engine, ZeRO 1/2).
     engine: str = "megatron"
     deepspeed_config: str | None = None
@@ -421,6 +424,10 @@ def validate_static(cfg: TrainConfig) -> None:
         "recompute of the SSA core attention is not supported)",
     )
     _check(t.nan_policy in ("skip", "stop"), f"train.nan_policy={t.nan_policy!r}; choose skip or stop")
+    _check(
+        t.gc_interval >= 0,
+        f"train.gc_interval={t.gc_interval} must be >= 0 (0 keeps Python's automatic garbage collection)",
+    )
     _check(t.engine in ("megatron", "deepspeed"), f"train.engine={t.engine!r}; choose megatron or deepspeed")
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}; choose auto, cpu or cuda")
     if t.engine == "deepspeed":

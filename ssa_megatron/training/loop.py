@@ -26,6 +26,7 @@ from ssa_megatron.context_parallel import split_for_rank
 from ssa_megatron.mode import draw_mode, set_microbatch
 from ssa_megatron.parallel import collective_device
 from ssa_megatron.training.config import TrainConfig
+from ssa_megatron.training.gc_schedule import ScheduledGC
 from ssa_megatron.training.metrics import MetricsLogger, memory_gib
 
 Batch = dict[str, torch.Tensor]
@@ -258,6 +259,28 @@ class StopFlag:
         return bool(t.item() > 0)
 
 
+def _count_skipped_update(
+    out: StepOutput, iteration: int, state: TrainState, t: Any, logger: MetricsLogger
+) -> None:
+    """Account an update dropped for a non-finite loss or grad norm; raise where the policy says stop."""
+    what = f"loss {out.ce_loss}" if not math.isfinite(out.ce_loss) else f"grad norm {out.grad_norm}"
+    if out.grad_norm is None and math.isfinite(out.ce_loss):
+        what = "gradient overflow (fp16 loss scale)"
+    if t.nan_policy == "stop" and "overflow" not in what:
+        raise NonFiniteError(
+            f"iteration {iteration}: non-finite {what}; stopping (train.nan_policy=stop). Lower optim.lr, "
+            "check the data, or resume from the last checkpoint with train.nan_policy=skip"
+        )
+    state.skipped += 1
+    logger.print(f"iteration {iteration}: non-finite {what}; update skipped ({state.skipped} so far)")
+    if state.skipped > t.max_skipped_steps:
+        raise NonFiniteError(
+            f"{state.skipped} updates skipped for non-finite loss/grad (train.max_skipped_steps="
+            f"{t.max_skipped_steps}); the run is diverging. Lower optim.lr or resume from an earlier "
+            "checkpoint"
+        )
+
+
 def train(
     cfg: TrainConfig,
     engine: Any,
@@ -275,70 +298,56 @@ def train(
     t = cfg.train
     num_micro = None
     world = dist.get_world_size() if dist.is_initialized() else 1
-    while state.iteration < t.train_iters:
-        iteration = state.iteration + 1
-        start = time.perf_counter()
-        batches = next_batches()
-        num_micro = len(batches)
-        out = train_step(engine, iteration, batches)
-        elapsed = time.perf_counter() - start
-        state.iteration = iteration
-        state.consumed_samples += t.global_batch_size
-        lr = engine.scheduler.optimizer.param_groups[0]["lr"]
-        if out.applied and engine.scheduler is not None:
-            engine.scheduler.step(1)
-        if not out.applied:
-            what = f"loss {out.ce_loss}" if not math.isfinite(out.ce_loss) else f"grad norm {out.grad_norm}"
-            if out.grad_norm is None and math.isfinite(out.ce_loss):
-                what = "gradient overflow (fp16 loss scale)"
-            if t.nan_policy == "stop" and "overflow" not in what:
-                raise NonFiniteError(
-                    f"iteration {iteration}: non-finite {what}; stopping (train.nan_policy=stop). "
-                    "Lower optim.lr, "
-                    "check the data, or resume from the last checkpoint with train.nan_policy=skip"
-                )
-            state.skipped += 1
-            logger.print(f"iteration {iteration}: non-finite {what}; update skipped ({state.skipped} so far)")
-            if state.skipped > t.max_skipped_steps:
-                raise NonFiniteError(
-                    f"{state.skipped} updates skipped for non-finite loss/grad (train.max_skipped_steps="
-                    f"{t.max_skipped_steps}); the run is diverging. Lower optim.lr or resume from an earlier "
-                    "checkpoint"
-                )
-        tokens = (
-            num_micro
-            * t.micro_batch_size
-            * cfg.data.seq_length
-            * parallel_state.get_data_parallel_world_size()
-        )
-        tflops = flops_per_sequence * t.global_batch_size / elapsed / world / 1e12
-        mcfg = engine.model_config
-        align = out.aux.get("align_loss")
-        metrics: dict[str, Any] = {
-            "loss": out.ce_loss + (mcfg.alignment_weight * align if align is not None else 0.0),
-            "ce_loss": out.ce_loss,
-            **out.aux,
-            "mode": "".join(m[0].upper() for m in drawn_modes(mcfg, iteration, num_micro)),
-            "lr": lr,
-            "grad_norm": out.grad_norm,
-            "tokens_per_s": tokens / elapsed,
-            "tflops": tflops,
-            "mfu": tflops / peak_tflops if peak_tflops else None,
-            "mem_gib": memory_gib(device),
-            "skipped": state.skipped or None,
-        }
-        state.history.append({"iteration": iteration, **metrics})
-        if iteration % cfg.logging.interval == 0 or iteration == t.train_iters:
-            logger.log_step(iteration, metrics)
-        stopping = stop.agreed()
-        if t.stop_after is not None and iteration == t.stop_after and iteration < t.train_iters:
-            on_interval(iteration, True)
-            logger.print(f"stopped after iteration {iteration} (train.stop_after)")
-            break
-        on_interval(iteration, stopping)
-        if stopping:
-            logger.print(
-                f"signal {stop.signum or 'on another rank'} received: stopped after iteration {iteration}"
+    with ScheduledGC(t.gc_interval) as collector:
+        while state.iteration < t.train_iters:
+            iteration = state.iteration + 1
+            start = time.perf_counter()
+            batches = next_batches()
+            num_micro = len(batches)
+            out = train_step(engine, iteration, batches)
+            elapsed = time.perf_counter() - start
+            state.iteration = iteration
+            state.consumed_samples += t.global_batch_size
+            lr = engine.scheduler.optimizer.param_groups[0]["lr"]
+            if out.applied and engine.scheduler is not None:
+                engine.scheduler.step(1)
+            if not out.applied:
+                _count_skipped_update(out, iteration, state, t, logger)
+            tokens = (
+                num_micro
+                * t.micro_batch_size
+                * cfg.data.seq_length
+                * parallel_state.get_data_parallel_world_size()
             )
-            break
+            tflops = flops_per_sequence * t.global_batch_size / elapsed / world / 1e12
+            mcfg = engine.model_config
+            align = out.aux.get("align_loss")
+            metrics: dict[str, Any] = {
+                "loss": out.ce_loss + (mcfg.alignment_weight * align if align is not None else 0.0),
+                "ce_loss": out.ce_loss,
+                **out.aux,
+                "mode": "".join(m[0].upper() for m in drawn_modes(mcfg, iteration, num_micro)),
+                "lr": lr,
+                "grad_norm": out.grad_norm,
+                "tokens_per_s": tokens / elapsed,
+                "tflops": tflops,
+                "mfu": tflops / peak_tflops if peak_tflops else None,
+                "mem_gib": memory_gib(device),
+                "skipped": state.skipped or None,
+            }
+            state.history.append({"iteration": iteration, **metrics})
+            if iteration % cfg.logging.interval == 0 or iteration == t.train_iters:
+                logger.log_step(iteration, metrics)
+            collector.step(iteration)
+            stopping = stop.agreed()
+            if t.stop_after is not None and iteration == t.stop_after and iteration < t.train_iters:
+                on_interval(iteration, True)
+                logger.print(f"stopped after iteration {iteration} (train.stop_after)")
+                break
+            on_interval(iteration, stopping)
+            if stopping:
+                logger.print(
+                    f"signal {stop.signum or 'on another rank'} received: stopped after iteration {iteration}"
+                )
+                break
     return state
