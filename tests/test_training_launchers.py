@@ -128,3 +128,30 @@ def test_two_torchrun_agents_with_c10d_rendezvous(demo_dir: str, tmp_path: Path)
     ce = _ce_values(both)
     assert len(ce) == 4 and ce[-1] < ce[0], both[-3000:]
     assert "final (4 iterations): sparse-mode validation perplexity" in both
+
+
+_LONE_PROCESS = """
+import os, torch, torch.distributed as dist
+from ssa_megatron.training.launch import detect_launch, init_distributed
+env = detect_launch()
+init_distributed(env, torch.device("cpu"))
+t = torch.ones(3)
+dist.all_reduce(t)
+sub = dist.new_group([0], backend="gloo")
+port_set = "MASTER_PORT" in os.environ
+print(env.launcher, dist.get_world_size(), int(t.sum()), dist.get_world_size(sub), port_set)
+dist.destroy_process_group()
+"""
+
+
+def test_a_lone_process_joins_its_group_without_a_port() -> None:
+    # No launcher: an in-process store, so two single-process jobs on one host cannot race for a port.
+    runs = [
+        subprocess.Popen([sys.executable, "-c", _LONE_PROCESS], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    for proc in runs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        assert out.split() == ["single", "1", "3", "1", "False"]

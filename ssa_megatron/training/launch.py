@@ -88,29 +88,19 @@ def init_distributed(env: LaunchEnv, device: torch.device, timeout_minutes: int 
         torch.cuda.set_device(env.local_rank)
     if dist.is_initialized():
         return
-    if env.launcher == "single":
-        # A lone process talks only to itself: always a fresh loopback port, never one inherited
-        # from a parent whose own process group may still hold it.
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
-    elif env.launcher == "slurm" and ("MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ):
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if env.launcher == "single" and env.world_size == 1:
+        # A lone process rendezvous with itself through an in-process store: no port at all. A
+        # "free" port picked and then bound by the TCP store raced with other sockets on the host
+        # (EADDRINUSE on the third of three back-to-back benchmark runs on an H200 machine).
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return
+    if env.launcher == "slurm" and ("MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ):
         raise RuntimeError(
             "under srun without torchrun set MASTER_ADDR and MASTER_PORT (see "
             "examples/slurm/train_ssa.sbatch)"
         )
-    backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
-        backend,
-        init_method="env://",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
+        backend, init_method="env://", rank=env.rank, world_size=env.world_size, timeout=timeout
     )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
