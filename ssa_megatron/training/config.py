@@ -93,8 +93,8 @@ class TrainSection:
     # What a non-finite loss or grad norm does: "skip" drops the update, "stop" ends the run.
     nan_policy: str = "skip"
     max_skipped_steps: int = 10
-    # Python garbage collection every this many iterations, automatic collection off in between
-    # (training/gc_schedule.py); 0 keeps Python's automatic collector.
+    # A full Python garbage collection every this many iterations on every rank, automatic
+    # collection off in between (training/gc_schedule.py); 0 keeps Python's automatic collector.
     gc_interval: int = 50
     # "megatron" (DDP + megatron optimizer) or "deepspeed" (DeepSpeed engine, ZeRO 1/2).
     engine: str = "megatron"

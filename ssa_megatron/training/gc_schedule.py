@@ -2,11 +2,14 @@
 
 The automatic collector pauses the host at arbitrary points of a step. A pause early in the
 forward, before the host has run ahead of the GPU, idles the GPU for its whole length, and a
-rank that pauses makes every other rank wait at the next collective. Both grow with the heap
-(megatron, torch, triton) and with the Python work per step, which SSA mode roughly doubles in
-the attention. As in Megatron-LM (``--manual-gc``) and torchtitan (``gc_freq``): automatic
-collection off while training, a full collection when training starts, and a collection of the
-young generations every ``interval`` iterations, at the same iteration on every rank.
+rank that pauses makes every other rank wait at the next collective. As in Megatron-LM
+(``--manual-gc``): automatic collection off while training, and a full collection when training
+starts and every ``interval`` iterations, at the same iteration on every rank (full, not only the
+young generations as torchtitan's ``gc_freq``: garbage that reached the oldest generation would
+otherwise stay for the whole run).
+
+Measured on one H200 (1B, 8k, 12 steps per mode): no difference at one rank, ssa/full step 0.912
+with the schedule and 0.916 with automatic collection; the case for it is many ranks.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class ScheduledGC:
     def step(self, iteration: int) -> None:
         """Call once per iteration, after its work."""
         if self.interval and iteration % self.interval == 0:
-            gc.collect(1)
+            gc.collect()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
