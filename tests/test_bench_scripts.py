@@ -80,22 +80,27 @@ def test_prefill_attention_share_counts_only_attention_kernels() -> None:
 
 
 @pytest.mark.slow
-def test_sweep_selected_attention_times_launches_against_the_shipped_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kernels", [["fwd", "dq", "dkdv"], ["dkdv"]])
+def test_sweep_selected_attention_times_launches_against_the_shipped_one(
+    tmp_path: Path, kernels: list[str]
+) -> None:
     import os
 
     out = tmp_path / "sweep.json"
+    only = ["--kernels", *kernels] if len(kernels) == 1 else []
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "sweep_selected_attention.py"), "--seq-lens", "32",
          "--q-heads", "4", "--kv-heads", "2", "--head-dim", "16", "--quick", "--reps", "1", "--warmup", "0",
-         "--out", str(out)],
+         "--out", str(out), *only],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env={**os.environ, "TRITON_INTERPRET": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert {row["kernel"] for row in result["rows"]} == {"fwd", "dq", "dkdv"} and len(result["rows"]) == 6
+    assert {row["kernel"] for row in result["rows"]} == set(kernels)
+    assert len(result["rows"]) == 2 * len(kernels)
     for row in result["rows"]:
         # Every launch computes the same function: only rounding may differ from the shipped launch.
         assert row["ms"] > 0 and row["shipped_ms"] > 0 and row["rel_err_vs_shipped"] < 1e-5
-    assert {row["kernel"] for row in result["fastest"]} == {"fwd", "dq", "dkdv"}
+    assert {row["kernel"] for row in result["fastest"]} == set(kernels)
     assert result["shipped_launch"]["fwd_warps"] >= 1 and result["layout"]["head_dim"] == 16

@@ -30,7 +30,8 @@ LAYOUT_ARGS = ("q_heads", "kv_heads", "head_dim", "block_size", "block_count")
 GRIDS = {
     "fwd": {"fwd_warps": (1, 2, 4), "fwd_stages": (1, 2, 3), "fwd_keys": (32, 64, 128)},
     "dq": {"dq_warps": (2, 4, 8), "dq_stages": (1, 2, 3), "dq_keys": (32, 64, 128)},
-    "dkdv": {"dkdv_warps": (2, 4, 8), "dkdv_stages": (1, 2, 3), "dkdv_rows": (16, 32, 64, 128)},
+    # dk/dv's transposed products need a whole warpgroup (4 warps) for the warpgroup MMA.
+    "dkdv": {"dkdv_warps": (4, 8), "dkdv_stages": (1, 2, 3), "dkdv_rows": (32, 64, 128, 256)},
 }
 
 
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-count", type=int, default=16)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--kernels", nargs="+", choices=sorted(GRIDS), default=sorted(GRIDS),
+                   help="which kernels' launches to time (default: all)")
     p.add_argument("--quick", action="store_true",
                    help="only the first two launches of each grid (smoke runs under TRITON_INTERPRET=1)")
     p.add_argument("--out", type=Path,
@@ -101,6 +104,8 @@ def sweep_length(args: argparse.Namespace, t: int, device: Any) -> list[dict[str
     shipped = default_launch(args.head_dim)
     rows = []
     for kernel, call in kernel_calls(args, t, device).items():
+        if kernel not in args.kernels:
+            continue
         reference = call(shipped).float()
         shipped_ms = cuda_time_ms(partial(call, shipped), args.reps, args.warmup)
         for fields in launches(kernel, args.quick):
