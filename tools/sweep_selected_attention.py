@@ -30,8 +30,7 @@ LAYOUT_ARGS = ("q_heads", "kv_heads", "head_dim", "block_size", "block_count")
 GRIDS = {
     "fwd": {"fwd_warps": (1, 2, 4), "fwd_stages": (1, 2, 3), "fwd_keys": (32, 64, 128)},
     "dq": {"dq_warps": (2, 4, 8), "dq_stages": (1, 2, 3), "dq_keys": (32, 64, 128)},
-    # dk/dv's transposed products need a whole warpgroup (4 warps) for the warpgroup MMA.
-    "dkdv": {"dkdv_warps": (4, 8), "dkdv_stages": (1, 2, 3), "dkdv_rows": (32, 64, 128, 256)},
+    "dkdv": {"dkdv_warps": (2, 4, 8), "dkdv_stages": (1, 2, 3), "dkdv_rows": (16, 32, 64, 128)},
 }
 
 

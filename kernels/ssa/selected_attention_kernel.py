@@ -160,10 +160,8 @@ def _dkdv_segment_kernel(
     rows = tl.arange(0, M)
     t_in = rows // GP
     g = rows % GP
-    # dK and dV accumulate transposed ([D, BS]): their products then have the head dim as rows
-    # (M = D >= 64), which Hopper's warpgroup MMA takes with the query rows as the reduction.
-    dk_t = tl.zeros([D, BS], tl.float32)
-    dv_t = tl.zeros([D, BS], tl.float32)
+    dk = tl.zeros([BS, D], tl.float32)
+    dv = tl.zeros([BS, D], tl.float32)
     for j0 in range(lo, hi, QC):
         jj = j0 + t_in
         t_ok = jj < hi
@@ -179,13 +177,13 @@ def _dkdv_segment_kernel(
         s = _dot(q, tl.trans(kt), IEEE) * qk_scale
         live = row_ok[:, None] & k_ok[None, :] & ((kstart + r)[None, :] <= qpos[:, None])
         p = tl.where(live, tl.exp2(s - lse2[:, None]), 0.0)
-        dv_t += _dot(tl.trans(do), p.to(do.dtype), IEEE)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
         dp = _dot(do, tl.trans(vt), IEEE)
         ds = p * (dp - delta[:, None])
-        dk_t += _dot(tl.trans(q), ds.to(q.dtype), IEEE)
-    out_off = seg * BS * D + r[None, :] * D + d[:, None]
-    tl.store(PDK + out_off, dk_t * scale)
-    tl.store(PDV + out_off, dv_t)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    out_off = seg * BS * D + r[:, None] * D + d[None, :]
+    tl.store(PDK + out_off, dk * scale)
+    tl.store(PDV + out_off, dv)
 
 
 @triton.jit
