@@ -1,10 +1,11 @@
 """The selected-attention forward's loads without its math: a measured floor under its time.
 
-Each program reads exactly what ``_fwd_kernel`` reads (the same grid, key step, masks and launch)
-and only sums the K and V rows, so its time is what the memory system needs to deliver the
-gathered tiles. ``tools/bench_kernels.py`` times it next to the forward: where the two are close,
-the forward is bound by the gather (L2 bandwidth for random selections), not by its arithmetic, and
-no tuning of the math can reach a FLOP rate above ``flops / gather time``.
+Each program reads exactly what ``_fwd_kernel`` reads (the same grid, key step, launch, and the
+same ``_walk``/``_selected_keys``/``_key_rows`` addressing) and only sums the K and V rows, so its time is
+what the memory system needs to deliver the gathered tiles. ``tools/bench_kernels.py`` times it
+next to the forward: where the two are close, the forward is bound by the gather (L2 bandwidth
+for random selections), not by its arithmetic, and no tuning of the math can reach a FLOP rate
+above ``flops / gather time``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.ssa._plan import Plan
-from kernels.ssa.selected_attention_kernel import Launch
+from kernels.ssa.selected_attention_kernel import Launch, _key_rows, _selected_keys, _walk
 
 
 @triton.jit
@@ -29,22 +30,14 @@ def _gather_kernel(
     b = (bh // H).to(tl.int64)
     h = bh % H
     d = tl.arange(0, D)
-    doc = tl.load(QDOC + i).to(tl.int64)
-    loc = q_offset + i - doc
-    kk = tl.arange(0, KN)
-    c_in = kk // BS
-    r = kk % BS
+    doc, loc, c_in, r, k_base, v_base, idx_row = _walk(
+        QDOC, IDX, K, V, i, b, h, q_offset, sk_b, sk_h, si_b, si_t, si_h, BS, KN
+    )
     acc = tl.zeros([D], tl.float32)
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sk_b + h * sk_h
     for c0 in range(0, BC, KN // BS):
-        c = c0 + c_in
-        blk = tl.load(IDX + b * si_b + i * si_t + h * si_h + c, mask=c < BC, other=-1)
-        kloc = blk * BS + r
-        ok = (blk >= 0) & (kloc <= loc)
-        kpos = doc + kloc
-        kt = tl.load(k_base + kpos[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
-        vt = tl.load(v_base + kpos[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
+        kpos, ok = _selected_keys(idx_row, c0, c_in, r, doc, loc, BC, BS)
+        kt = _key_rows(k_base, kpos, ok, sk_t, d)
+        vt = _key_rows(v_base, kpos, ok, sk_t, d)
         acc += tl.sum(kt.to(tl.float32) + vt.to(tl.float32), 0)
     tl.store(OUT + i * so_t + bh * so_bh + d, acc)
 

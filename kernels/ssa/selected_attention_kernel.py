@@ -27,6 +27,34 @@ from kernels.ssa.selection_kernel import LOG2E, _dot, exact_dots
 
 
 @triton.jit
+def _walk(
+    QDOC, IDX, K, V, i, b, h, q_offset, sk_b, sk_h, si_b, si_t, si_h, BS: tl.constexpr, KN: tl.constexpr
+):
+    """Where the program of query row ``i`` and KV head ``h`` walks its selections, KN keys per step:
+    its document start and local position, each step's slot offsets and rows, its K/V and index rows."""
+    doc = tl.load(QDOC + i).to(tl.int64)
+    kk = tl.arange(0, KN)
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sk_b + h * sk_h
+    return doc, q_offset + i - doc, kk // BS, kk % BS, k_base, v_base, IDX + b * si_b + i * si_t + h * si_h
+
+
+@triton.jit
+def _selected_keys(idx_row, c0, c_in, r, doc, loc, BC, BS: tl.constexpr):
+    """Global key positions of selection slots ``c0 + c_in`` (row ``r`` of each block) and which of them
+    the query at document-local position ``loc`` attends: a used slot, causal inside its block."""
+    c = c0 + c_in
+    blk = tl.load(idx_row + c, mask=c < BC, other=-1)
+    kloc = blk * BS + r
+    return doc + kloc, (blk >= 0) & (kloc <= loc)
+
+
+@triton.jit
+def _key_rows(base, kpos, ok, sk_t, d):
+    return tl.load(base + kpos[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, IDX, OUT, LSE, QDOC,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, si_b, si_t, si_h, so_b, so_t, so_h, sl_b, sl_t, sl_h,
@@ -43,23 +71,15 @@ def _fwd_kernel(
     q = tl.load(
         Q + b * sq_b + i * sq_t + (h * G + g)[:, None] * sq_h + d[None, :], mask=g_ok[:, None], other=0.0
     )
-    doc = tl.load(QDOC + i).to(tl.int64)
-    loc = q_offset + i - doc
-    kk = tl.arange(0, KN)
-    c_in = kk // BS
-    r = kk % BS
+    doc, loc, c_in, r, k_base, v_base, idx_row = _walk(
+        QDOC, IDX, K, V, i, b, h, q_offset, sk_b, sk_h, si_b, si_t, si_h, BS, KN
+    )
     m = tl.full([GP], float("-inf"), tl.float32)
     acc_l = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sk_b + h * sk_h
     for c0 in range(0, BC, KN // BS):
-        c = c0 + c_in
-        blk = tl.load(IDX + b * si_b + i * si_t + h * si_h + c, mask=c < BC, other=-1)
-        kloc = blk * BS + r
-        ok = (blk >= 0) & (kloc <= loc)
-        kpos = doc + kloc
-        kt = tl.load(k_base + kpos[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
+        kpos, ok = _selected_keys(idx_row, c0, c_in, r, doc, loc, BC, BS)
+        kt = _key_rows(k_base, kpos, ok, sk_t, d)
         s = _dot(q, tl.trans(kt), IEEE) * qk_scale
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -67,7 +87,7 @@ def _fwd_kernel(
         alpha = tl.exp2(m - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         acc_l = acc_l * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + kpos[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
+        vt = _key_rows(v_base, kpos, ok, sk_t, d)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE)
         m = m_new
     o = acc / acc_l[:, None]
@@ -106,22 +126,14 @@ def _dq_kernel(
         # d lse / d s = p, so a gradient on lse enters exactly like -Delta in dS = P * (dP - Delta).
         delta -= tl.load(DLSE + l_off, mask=g_ok, other=0.0)
     tl.store(DELTA + l_off, delta, mask=g_ok)
-    doc = tl.load(QDOC + i).to(tl.int64)
-    loc = q_offset + i - doc
-    kk = tl.arange(0, KN)
-    c_in = kk // BS
-    r = kk % BS
+    doc, loc, c_in, r, k_base, v_base, idx_row = _walk(
+        QDOC, IDX, K, V, i, b, h, q_offset, sk_b, sk_h, si_b, si_t, si_h, BS, KN
+    )
     dq = tl.zeros([GP, D], tl.float32)
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sk_b + h * sk_h
     for c0 in range(0, BC, KN // BS):
-        c = c0 + c_in
-        blk = tl.load(IDX + b * si_b + i * si_t + h * si_h + c, mask=c < BC, other=-1)
-        kloc = blk * BS + r
-        ok = (blk >= 0) & (kloc <= loc)
-        kpos = doc + kloc
-        kt = tl.load(k_base + kpos[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
-        vt = tl.load(v_base + kpos[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
+        kpos, ok = _selected_keys(idx_row, c0, c_in, r, doc, loc, BC, BS)
+        kt = _key_rows(k_base, kpos, ok, sk_t, d)
+        vt = _key_rows(v_base, kpos, ok, sk_t, d)
         s = _dot(q, tl.trans(kt), IEEE) * qk_scale
         p = tl.where(ok[None, :] & g_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
         dp = _dot(do, tl.trans(vt), IEEE)
