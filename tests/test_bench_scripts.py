@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,12 +62,18 @@ def test_bench_inference_times_both_modes(tmp_path: Path) -> None:
         assert row["speedup_ceiling_free_attention"] >= 1.0
 
 
-def test_prefill_attention_share_counts_only_attention_kernels() -> None:
+def _tool(name: str) -> Any:
+    """A script of tools/ as a module (its main() does not run)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "tools" / "bench_inference.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prefill_attention_share_counts_only_attention_kernels() -> None:
+    bench = _tool("bench_inference")
     profile = {"top_kernels": [
         {"name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", "ms": 10.0},
         {"name": "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>", "ms": 2.0},
@@ -77,6 +84,19 @@ def test_prefill_attention_share_counts_only_attention_kernels() -> None:
         {"name": "void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>", "ms": 5.0},
     ]}  # fmt: skip
     assert bench.attention_ms(profile) == pytest.approx(16.25)
+
+
+def test_kernel_verdicts_name_the_limiting_term() -> None:
+    bench = _tool("bench_kernels")
+    row = {"T": 65536, "sparse_over_dense_fwdbwd": 14.0 / 142.0, "sparse_fwdbwd_ms": 14.0,
+           "selection_ms": 9.0, "sdpa_fwdbwd_ms": 142.0, "sel_attn_fwd_tflops": 118.0,
+           "sel_attn_fwd_tflops_gather_ceiling": 158.0}  # fmt: skip
+    assert bench.verdicts(row) == [
+        "ratio 0.099 vs <= 0.09: MISS (selection 64% of the branch; without it 0.035)",
+        "sel-attn fwd 118 TFLOP/s vs >= 150: MISS (its loads alone allow 158)",
+    ]
+    row |= {"T": 32768, "sparse_over_dense_fwdbwd": 0.1}
+    assert bench.verdicts(row) == ["ratio 0.100 vs <= 0.12: ok"]
 
 
 @pytest.mark.slow

@@ -139,9 +139,14 @@ def verdicts(row: dict) -> list[str]:
     t = row["T"]
     if t in RATIO_TARGETS:
         ok = row["sparse_over_dense_fwdbwd"] <= RATIO_TARGETS[t]
-        out.append(
-            f"ratio {row['sparse_over_dense_fwdbwd']:.3f} vs <= {RATIO_TARGETS[t]}: {'ok' if ok else 'MISS'}"
-        )
+        ratio = row["sparse_over_dense_fwdbwd"]
+        verdict = f"ratio {ratio:.3f} vs <= {RATIO_TARGETS[t]}: {'ok' if ok else 'MISS'}"
+        if not ok:
+            # Which term limits it: the quadratic scoring pass (selection) or the attention's gathers.
+            rest = (row["sparse_fwdbwd_ms"] - row["selection_ms"]) / row["sdpa_fwdbwd_ms"]
+            verdict += (f" (selection {row['selection_ms'] / row['sparse_fwdbwd_ms']:.0%} of the branch; "
+                        f"without it {rest:.3f})")  # fmt: skip
+        out.append(verdict)
     if t == RATE_TARGET_T:
         ok = row["sel_attn_fwd_tflops"] >= RATE_TARGET_TFLOPS
         out.append(f"sel-attn fwd {row['sel_attn_fwd_tflops']:.0f} TFLOP/s vs >= {RATE_TARGET_TFLOPS:.0f}: "
