@@ -1,11 +1,11 @@
 """The selected-attention forward's loads without its math: a measured floor under its time.
 
 Each program reads exactly what ``_fwd_kernel`` reads (the same grid, key step, launch, and the
-same ``_walk``/``_selected_keys``/``_key_rows`` addressing) and only sums the K and V rows, so its time is
-what the memory system needs to deliver the gathered tiles. ``tools/bench_kernels.py`` times it
-next to the forward: where the two are close, the forward is bound by the gather (L2 bandwidth
-for random selections), not by its arithmetic, and no tuning of the math can reach a FLOP rate
-above ``flops / gather time``.
+same ``_walk``/``_selected_keys``/``_key_rows`` addressing) and only sums the K and V rows, so
+its time is what the memory system needs to deliver the gathered tiles. ``tools/bench_kernels.py``
+times it next to the forward: where the two are close, the forward is bound by the gather (L2
+bandwidth for random selections), not by its arithmetic, and no tuning of the math can reach a
+FLOP rate above ``flops / gather time``.
 """
 
 from __future__ import annotations
