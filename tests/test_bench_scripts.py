@@ -77,7 +77,8 @@ def test_prefill_attention_share_counts_only_attention_kernels() -> None:
     profile = {"top_kernels": [
         {"name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", "ms": 10.0},
         {"name": "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>", "ms": 2.0},
-        {"name": "_select_kernel", "ms": 3.0},
+        {"name": "_select_lse_kernel", "ms": 1.0},
+        {"name": "_select_topk_kernel", "ms": 2.0},
         {"name": "_block_keys_kernel", "ms": 0.25},
         {"name": "_fwd_kernel", "ms": 1.0},
         {"name": "nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN", "ms": 40.0},
@@ -95,8 +96,10 @@ def test_kernel_verdicts_name_the_limiting_term() -> None:
         "ratio 0.099 vs <= 0.09: MISS (selection 64% of the branch; without it 0.035)",
         "sel-attn fwd 118 TFLOP/s vs >= 150: MISS (its loads alone allow 158)",
     ]
+    assert bench.misses([row]) == [f"T=65536: {v}" for v in bench.verdicts(row)]
     row |= {"T": 32768, "sparse_over_dense_fwdbwd": 0.1}
     assert bench.verdicts(row) == ["ratio 0.100 vs <= 0.12: ok"]
+    assert bench.misses([row]) == []
 
 
 @pytest.mark.slow

@@ -155,6 +155,11 @@ def verdicts(row: dict) -> list[str]:
     return out
 
 
+def misses(rows: list[dict]) -> list[str]:
+    """Every missed target of `rows`, as 'T=<len>: <verdict>'."""
+    return [f"T={r['T']}: {v}" for r in rows for v in verdicts(r) if ": MISS" in v]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -193,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in args.seq_lens:
         rows.append(bench_one(args, t, fla_nsa))
         print(json.dumps(rows[-1]), flush=True)
-        result["misses"] = [f"T={r['T']}: {v}" for r in rows for v in verdicts(r) if v.endswith("MISS")]
+        result["misses"] = misses(rows)
         # Rewritten after every length: a run cut short by a time limit keeps what it measured.
         out = write_result(result, "kernels", out)
 
@@ -210,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         for key, val in row.items():
             if key.endswith("_error"):
                 print(f"T={row['T']} {key}: {val}")
-    misses = result["misses"]
-    print("\n" + ("MISSED TARGETS:\n  " + "\n  ".join(misses) if misses else "all targets met"))
+    missed = result["misses"]
+    print("\n" + ("MISSED TARGETS:\n  " + "\n  ".join(missed) if missed else "all targets met"))
     print(f"wrote {out}")
     return 0
 
