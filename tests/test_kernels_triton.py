@@ -88,6 +88,11 @@ def test_select_blocks_exact(
     check_selection(b, t, h, g, 64, bs, bc, qr, bounds, dtype, seed=t + 7 * g + bc)
 
 
+def test_select_blocks_long_lists() -> None:
+    # block_count 100 (a 128-slot list, the 4-warp pass-2 launch), over ~130 candidate blocks.
+    check_selection(1, 2100, 1, 2, 16, 16, 100, (2040, 2100), None, torch.float32, seed=5)
+
+
 def _shaped_keys(k: torch.Tensor, q: torch.Tensor, kind: str, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys (and queries) that stress the running top-k across many 32-block tiles."""
     t, d = k.shape[1], k.shape[3]

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Issue 8: sparse-mode prefill speed-up over full mode, 1B model, batch 1.
 SPEEDUP_TARGETS = {32768: 3.0, 65536: 5.0, 131072: 8.0}
 # Kernel names of attention in either mode: cuDNN/flash SDPA, and the SSA kernels (kernels/ssa).
-ATTENTION_KERNEL_MARKS = ("sdpa", "fmha", "flash", "attention", "_select_kernel", "_block_keys_kernel",
-                          "_fwd_kernel")  # fmt: skip
+ATTENTION_KERNEL_MARKS = ("sdpa", "fmha", "flash", "attention", "_select_lse_kernel", "_select_topk_kernel",
+                          "_block_keys_kernel", "_fwd_kernel")  # fmt: skip
 
 
 def attention_ms(profile: dict[str, Any]) -> float:

@@ -1,28 +1,30 @@
-"""Triton block selection: fused scoring, per-head LSE over complete blocks, group sum, top-k.
+"""Triton block selection in two kernels: per-head LSE over complete blocks, then group sum and top-k.
 
-One program owns a tile of BT consecutive queries of one document and one KV head, with all
-G query heads of the group stacked as rows (BT * GP rows, GP = G padded to a power of two), so
-each block-key tile is loaded once per group and scored with one tensor-core product.
-Pass 1 computes each row's log-sum-exp over the blocks complete at its position; pass 2
-recomputes the logits, turns them into probabilities, sums them over the group and keeps a
-running top-(BC-1) per query. Nothing of size T x NB ever reaches memory.
+Each program owns a tile of consecutive queries of one document and one KV head, with all G query
+heads of the group stacked as rows (GP = G padded to a power of two), so each block-key tile is
+loaded once per group and scored with one tensor-core product.
+- `_select_lse_kernel` (pass 1) computes each row's log-sum-exp over the blocks complete at its
+  position and stores it (fp32, [B, T, HQ]: 4 bytes per query head).
+- `_select_topk_kernel` (pass 2) recomputes the logits, turns them into probabilities, sums them
+  over the group and keeps a running top-(BC-1) per query.
+Nothing of size T x NB ever reaches memory. Two kernels rather than one because the passes want
+different launches: pass 1 is a plain pipelined reduction (one warpgroup, 64 rows), pass 2 is
+latency-bound on its insertion rounds (one warp, 32 rows, every reduction a shuffle). Pass 2 works
+block-major ([blocks, queries]): in the product's register layout a query's group heads then lie
+in one thread and its three neighbours, and each thread holds half as many int64 keys, which cut
+its instructions per tile by 30%. At 64k tokens on an H200 the fused kernel took 8.86 ms, the
+split 8.41, the split with a block-major pass 2 7.26 (benchmarks/results/README.md, session 7).
 
 Exact, deterministic ranking: a candidate's score (a non-negative fp32) and its block index are
 packed into one int64 key, (score bits << 32) | (2^31 - 1 - j), so integer order is score order
 with the lower block index first on equal scores, and keys are unique.
 
 The running top-(BC-1) is kept unsorted, its minimum is a threshold: a tile's keys at or below a
-row's threshold can never enter (the threshold only rises), and the survivors are inserted largest
-first, each replacing the row's minimum. Streaming "insert if larger than the minimum, evict the
-minimum" ends at the exact top-(BC-1) set in any insertion order. Once the lists fill up, most
-tiles have no survivor in any row and cost only the scoring; sorting every tile instead (a
-bitonic sort of BT x BN keys plus a merge) was 2.1-2.2x slower at 64k tokens on an H200
-(benchmarks/results/README.md).
-
-Where the time goes (H200, 1B layout, 64k tokens): the insertions were 42% of the kernel. That is
-why each insertion round has no block-wide exit test and no search for the minimum's slot. Both
-passes skip masks on the tiles that lie wholly before every query's own block. Together these
-took the kernel from 12.1 to 8.7 ms.
+query's threshold can never enter (the threshold only rises), and the survivors are inserted
+largest first, each replacing the query's minimum. Streaming "insert if larger than the minimum,
+evict the minimum" ends at the exact top-(BC-1) set in any insertion order. Once the lists fill
+up, most tiles have no survivor and cost only the scoring; sorting every tile instead (a bitonic
+sort of BT x BN keys plus a merge) was 2.1-2.2x slower at 64k tokens on an H200.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ def _topk_tile(
 ):  # fmt: skip
     """One pass-2 tile: group-summed probabilities of blocks [n0, n0 + BN) into the running top-k.
 
+    Everything is block-major ([BN, ...], and the list `run` is [KP, BT]): in the product's
+    register layout the group heads then sit in one thread and its neighbours, so the group sum is
+    a short reduction and each thread holds fewer keys than in the query-major orientation.
     Padded rows carry lse = +inf (probability 0), and a block at or after a query's own block is
     never its candidate, so the probabilities need no mask: blocks not complete at a query's
     position are all at or after its own block, and the key mask below drops them. Unmasked
@@ -109,36 +114,36 @@ def _topk_tile(
         kb = tl.load(kb_base + n[:, None] * skb_n + d[None, :], mask=(n < own_max)[:, None], other=0.0)
     else:
         kb = tl.load(kb_base + n[:, None] * skb_n + d[None, :])
-    s = _dot(q, tl.trans(kb), IEEE)
-    p = tl.exp2(s * c - lse[:, None])
-    score = tl.sum(tl.reshape(p, [BT, GP, BN]), 1)
-    key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0x7FFFFFFF - n).to(tl.int64)[None, :]
-    # Only keys above the row's minimum can enter its list.
-    enter = t_ok[:, None] & (key > thr[:, None])
+    s = _dot(kb, tl.trans(q), IEEE)
+    p = tl.exp2(s * c - lse[None, :])
+    score = tl.sum(tl.reshape(p, [BN, BT, GP]), 2)
+    key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0x7FFFFFFF - n).to(tl.int64)[:, None]
+    # Only keys above the query's minimum can enter its list.
+    enter = t_ok[None, :] & (key > thr[None, :])
     if MASKED:
-        enter = enter & (n[None, :] < own_t[:, None])
+        enter = enter & (n[:, None] < own_t[None, :])
     key = tl.where(enter, key, _NOT_A_KEY)
-    # Keys enter largest first, so a row takes at most BC-1 of one tile: that bounds the trip count,
-    # decided once per tile (a per-insertion exit test would cost a block-wide reduction each time).
-    trips = tl.max(tl.minimum(tl.sum(enter.to(tl.int32), 1), BC - 1), 0)
+    # Keys enter largest first, so a query takes at most BC-1 of one tile: that bounds the trip
+    # count, decided once per tile (a per-insertion exit test would cost a reduction each time).
+    trips = tl.max(tl.minimum(tl.sum(enter.to(tl.int32), 0), BC - 1), 0)
     for _ in range(trips):
-        best = tl.max(key, 1)
-        # Slot values are unique (empty slots hold -1 - slot), so one slot holds the row minimum.
-        run = tl.where((run == thr[:, None]) & (best >= 0)[:, None], best[:, None], run)
-        thr = tl.min(run, 1)
-        # Drop the key just taken (keys are unique) and every key the raised threshold excludes.
-        key = tl.where((key > thr[:, None]) & (key != best[:, None]), key, _NOT_A_KEY)
+        best = tl.max(key, 0)
+        # Slot values are unique (empty slots hold -1 - slot), so one slot holds the query minimum.
+        # Once the best remaining key is at or below it, so are all the others: nothing changes.
+        take = (best > thr)[None, :]
+        run = tl.where((run == thr[None, :]) & take, best[None, :], run)
+        thr = tl.min(run, 0)
+        # Drop the key just taken (keys are unique).
+        key = tl.where(key == best[None, :], _NOT_A_KEY, key)
     return run, thr
 
 
 @triton.jit
-def _select_kernel(
-    Q, KB, OUT, TILE_Q0, TILE_Q1, QDOC, QBASE,
-    sq_b, sq_t, sq_h, skb_b, skb_n, skb_h, so_b, so_t, so_h,
-    q_offset, qk_scale, H, G, BC,
-    BS: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN1: tl.constexpr, BN: tl.constexpr,
-    KP: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+def _query_tile(
+    Q, TILE_Q0, TILE_Q1, QDOC, QBASE, sq_b, sq_t, sq_h, q_offset, H, G,
+    BT: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
+    """The program's query tile: its rows (BT queries x GP group heads), their q, and positions."""
     # Last tiles first: a tile's work grows with its position (causal), and the longest ones
     # started last would run alone at the end of the grid.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -149,9 +154,7 @@ def _select_kernel(
     q1 = tl.load(TILE_Q1 + tile)
     doc = tl.load(QDOC + q0)
     base = tl.load(QBASE + q0)
-
-    M: tl.constexpr = BT * GP
-    rows = tl.arange(0, M)
+    rows = tl.arange(0, BT * GP)
     t_row = rows // GP
     g_row = rows % GP
     row_ok = (q0 + t_row < q1) & (g_row < G)
@@ -160,45 +163,72 @@ def _select_kernel(
     q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
     # Rows are in position order: the tile's first query has the fewest complete blocks.
     loc0 = q_offset + q0 - doc
-    loc_row = loc0 + t_row
-    complete_row = (loc_row + 1) // BS
     last = q_offset + q1 - 1 - doc
+    return b, h, q0, q1, base, t_row, g_row, row_ok, q, loc0, last
+
+
+@triton.jit
+def _select_lse_kernel(
+    Q, KB, LSE, TILE_Q0, TILE_Q1, QDOC, QBASE,
+    sq_b, sq_t, sq_h, skb_b, skb_n, skb_h, sl_b, sl_t,
+    q_offset, qk_scale, H, G,
+    BS: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
+    """Pass 1: each query head's log2-sum-exp over the blocks complete at its position (+inf if none)."""
+    b, h, q0, _q1, base, t_row, g_row, row_ok, q, loc0, last = _query_tile(
+        Q, TILE_Q0, TILE_Q1, QDOC, QBASE, sq_b, sq_t, sq_h, q_offset, H, G, BT, GP, D
+    )
+    complete_row = (loc0 + t_row + 1) // BS
     complete_max = ((last + 1) // BS).to(tl.int32)
+    kb_base = KB + b * skb_b + h * skb_h + base * skb_n
+    m = tl.full([BT * GP], float("-inf"), tl.float32)
+    acc = tl.zeros([BT * GP], tl.float32)
+    unmasked_end = ((loc0 + 1) // BS // BN * BN).to(tl.int32)
+    for n0 in range(0, unmasked_end, BN):
+        m, acc = _lse_tile(q, kb_base, n0, m, acc, complete_row, complete_max, skb_n, qk_scale,
+                           BN, D, IEEE, False)  # fmt: skip
+    for n0 in range(unmasked_end, complete_max, BN):
+        m, acc = _lse_tile(q, kb_base, n0, m, acc, complete_row, complete_max, skb_n, qk_scale,
+                           BN, D, IEEE, True)  # fmt: skip
+    lse = tl.where(row_ok & (acc > 0), m * qk_scale + tl.log2(tl.maximum(acc, 1e-30)), float("inf"))
+    tl.store(LSE + b * sl_b + (q0 + t_row) * sl_t + h * G + g_row, lse, mask=row_ok)
+
+
+@triton.jit
+def _select_topk_kernel(
+    Q, KB, LSE, OUT, TILE_Q0, TILE_Q1, QDOC, QBASE,
+    sq_b, sq_t, sq_h, skb_b, skb_n, skb_h, sl_b, sl_t, so_b, so_t, so_h,
+    q_offset, qk_scale, H, G, BC,
+    BS: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
+    D: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Pass 2: the group-summed scores of each tile feed an unsorted running top-(BC-1) per query."""
+    b, h, q0, q1, base, t_row, g_row, row_ok, q, loc0, last = _query_tile(
+        Q, TILE_Q0, TILE_Q1, QDOC, QBASE, sq_b, sq_t, sq_h, q_offset, H, G, BT, GP, D
+    )
+    lse = tl.load(LSE + b * sl_b + (q0 + t_row) * sl_t + h * G + g_row, mask=row_ok, other=float("inf"))
     own_max = (last // BS).to(tl.int32)
     kb_base = KB + b * skb_b + h * skb_h + base * skb_n
-
-    # Pass 1: log2-sum-exp of each row over the blocks complete at its position.
-    m = tl.full([M], float("-inf"), tl.float32)
-    acc = tl.zeros([M], tl.float32)
-    lse_unmasked_end = ((loc0 + 1) // BS // BN1 * BN1).to(tl.int32)
-    for n0 in range(0, lse_unmasked_end, BN1):
-        m, acc = _lse_tile(q, kb_base, n0, m, acc, complete_row, complete_max, skb_n, qk_scale,
-                           BN1, D, IEEE, False)  # fmt: skip
-    for n0 in range(lse_unmasked_end, complete_max, BN1):
-        m, acc = _lse_tile(q, kb_base, n0, m, acc, complete_row, complete_max, skb_n, qk_scale,
-                           BN1, D, IEEE, True)  # fmt: skip
-    lse = tl.where(row_ok & (acc > 0), m * qk_scale + tl.log2(tl.maximum(acc, 1e-30)), float("inf"))
-
-    # Pass 2: the group-summed scores of each tile feed an unsorted running top-(BC-1) per query.
     t_vec = tl.arange(0, BT)
     t_ok = q0 + t_vec < q1
     own_t = (loc0 + t_vec) // BS
     slot = tl.arange(0, KP)
-    live_slot = slot[None, :] < BC - 1
     # Empty live slots hold -1 - slot (every real key is >= 0); dead slots never hold the minimum.
-    empty = tl.broadcast_to(-1 - slot[None, :].to(tl.int64), [BT, KP])
-    run = tl.where(live_slot, empty, tl.full([BT, KP], _DEAD_SLOT, tl.int64))
-    thr = tl.min(run, 1)
-    topk_unmasked_end = (loc0 // BS // BN * BN).to(tl.int32)
-    for n0 in range(0, topk_unmasked_end, BN):
+    empty = tl.broadcast_to(-1 - slot[:, None].to(tl.int64), [KP, BT])
+    run = tl.where(slot[:, None] < BC - 1, empty, tl.full([KP, BT], _DEAD_SLOT, tl.int64))
+    thr = tl.min(run, 0)
+    unmasked_end = (loc0 // BS // BN * BN).to(tl.int32)
+    for n0 in range(0, unmasked_end, BN):
         run, thr = _topk_tile(q, kb_base, n0, lse, run, thr, own_t, t_ok, own_max, skb_n, qk_scale, BC,
                               BT, GP, BN, D, IEEE, False)  # fmt: skip
-    for n0 in range(topk_unmasked_end, own_max, BN):
+    for n0 in range(unmasked_end, own_max, BN):
         run, thr = _topk_tile(q, kb_base, n0, lse, run, thr, own_t, t_ok, own_max, skb_n, qk_scale, BC,
                               BT, GP, BN, D, IEEE, True)  # fmt: skip
 
     # The valid keys, ascending by block index, then the own block, then -1.
-    valid = (run >= 0) & live_slot
+    run = tl.trans(run)
+    valid = (run >= 0) & (slot[None, :] < BC - 1)
     idx = tl.where(valid, 0x7FFFFFFF - (run & 0xFFFFFFFF), 0x7FFFFFFF)
     idx = tl.sort(idx, dim=1)
     n_valid = tl.sum(valid.to(tl.int32), 1)
@@ -223,19 +253,26 @@ def select_blocks_planned(
         return out
     gp = max(next_pow2(g), 1)
     kp = next_pow2(block_count)
-    # 64 rows (queries x group heads); 32 blocks per pass-1 tile, 16 per pass-2 tile: the fastest
-    # launches timed at 8k, 32k and 64k tokens on an H200 (bt 2-16, bn 16-128, 2-8 warps; smaller
-    # pass-2 tiles mean fewer insertion rounds per tile).
-    bt = max(1, 64 // gp)
-    bn1 = 32
-    bn = 16
-    tile_q0, tile_q1 = query_tiles(plan.spans, bt, q.device)
-    _select_kernel[(tile_q0.numel(), b * h)](
-        q, kblock, out, tile_q0, tile_q1, plan.q_doc, plan.q_base,
-        q.stride(0), q.stride(1), q.stride(2), kblock.stride(0), kblock.stride(1), kblock.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+    lse = _alloc.empty(b, tq, hq, device=q.device, dtype=torch.float32)
+    common = (plan.q_doc, plan.q_base, q.stride(0), q.stride(1), q.stride(2),
+              kblock.stride(0), kblock.stride(1), kblock.stride(2), lse.stride(0), lse.stride(1))  # fmt: skip
+    ieee = exact_dots(q.dtype)
+    # Pass 1 scores 64 rows (queries x group heads) against 32 blocks per step on one warpgroup;
+    # its loop has no inner loop, so Triton pipelines it. Pass 2's running top-k is latency-bound
+    # (an insertion round per entering key): one warp per 32 rows, where every reduction is a
+    # shuffle, 32 blocks per step (the fastest of 16-128 rows, 8-32 blocks, 1-4 warps timed on
+    # an H200 at 8k, 32k and 64k tokens: benchmarks/results/README.md, session 7).
+    bt1 = max(1, 64 // gp)
+    tile_q0, tile_q1 = query_tiles(plan.spans, bt1, q.device)
+    _select_lse_kernel[(tile_q0.numel(), b * h)](
+        q, kblock, lse, tile_q0, tile_q1, *common, q_offset, scale * LOG2E, h, g,
+        BS=block_size, BT=bt1, GP=gp, BN=32, D=d, IEEE=ieee, num_warps=4,
+    )  # fmt: skip
+    bt2 = max(1, 32 // gp)
+    tile_q0, tile_q1 = query_tiles(plan.spans, bt2, q.device)
+    _select_topk_kernel[(tile_q0.numel(), b * h)](
+        q, kblock, lse, out, tile_q0, tile_q1, *common, out.stride(0), out.stride(1), out.stride(2),
         q_offset, scale * LOG2E, h, g, block_count,
-        BS=block_size, BT=bt, GP=gp, BN1=bn1, BN=bn, KP=kp, D=d, IEEE=exact_dots(q.dtype),
-        num_warps=4 if kp <= 64 else 8,
+        BS=block_size, BT=bt2, GP=gp, BN=32, KP=kp, D=d, IEEE=ieee, num_warps=1 if kp <= 64 else 4,
     )  # fmt: skip
     return out
