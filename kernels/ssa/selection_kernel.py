@@ -13,7 +13,9 @@ latency-bound on its insertion rounds (one warp, 32 rows, every reduction a shuf
 block-major ([blocks, queries]): in the product's register layout a query's group heads then lie
 in one thread and its three neighbours, and each thread holds half as many int64 keys, which cut
 its instructions per tile by 30%. At 64k tokens on an H200 the fused kernel took 8.86 ms, the
-split 8.41, the split with a block-major pass 2 7.26 (benchmarks/results/README.md, session 7).
+split 8.41, with a block-major pass 2 7.26, with 32-block pass-2 steps 6.72, and with 64-block
+pass-1 steps and the first tile sorted into the lists (below) 6.35 (benchmarks/results/README.md,
+session 7).
 
 Exact, deterministic ranking: a candidate's score (a non-negative fp32) and its block index are
 packed into one int64 key, (score bits << 32) | (2^31 - 1 - j), so integer order is score order
@@ -24,7 +26,9 @@ query's threshold can never enter (the threshold only rises), and the survivors 
 largest first, each replacing the query's minimum. Streaming "insert if larger than the minimum,
 evict the minimum" ends at the exact top-(BC-1) set in any insertion order. Once the lists fill
 up, most tiles have no survivor and cost only the scoring; sorting every tile instead (a bitonic
-sort of BT x BN keys plus a merge) was 2.1-2.2x slower at 64k tokens on an H200.
+sort of BT x BN keys plus a merge) was 2.1-2.2x slower at 64k tokens on an H200. The first tile is
+the exception: while the lists fill, nearly every key enters, so its keys are sorted once and
+the best BC-1 become the lists (2.5% faster at 64k, 2.5% at 32k, 5.5% at 8k).
 """
 
 from __future__ import annotations
@@ -93,12 +97,12 @@ def _lse_tile(
 
 
 @triton.jit
-def _topk_tile(
-    q, kb_base, n0, lse, run, thr, own_t, t_ok, own_max, skb_n, c, BC,
+def _tile_keys(
+    q, kb_base, n0, lse, own_t, t_ok, own_max, skb_n, c,
     BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
     MASKED: tl.constexpr,
 ):  # fmt: skip
-    """One pass-2 tile: group-summed probabilities of blocks [n0, n0 + BN) into the running top-k.
+    """The keys [BN, BT] of blocks [n0, n0 + BN) for the tile's queries (_NOT_A_KEY: no candidate).
 
     Everything is block-major ([BN, ...], and the list `run` is [KP, BT]): in the product's
     register layout the group heads then sit in one thread and its neighbours, so the group sum is
@@ -118,10 +122,32 @@ def _topk_tile(
     p = tl.exp2(s * c - lse[None, :])
     score = tl.sum(tl.reshape(p, [BN, BT, GP]), 2)
     key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0x7FFFFFFF - n).to(tl.int64)[:, None]
-    # Only keys above the query's minimum can enter its list.
-    enter = t_ok[None, :] & (key > thr[None, :])
+    candidate = t_ok[None, :]
     if MASKED:
-        enter = enter & (n[:, None] < own_t[None, :])
+        candidate = candidate & (n[:, None] < own_t[None, :])
+    return tl.where(candidate, key, _NOT_A_KEY)
+
+
+@triton.jit
+def _first_list(key, BC, BT: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr):
+    """The list after the first tile: its best BC-1 keys, by one sort instead of a round per key.
+
+    Filling empty slots takes an insertion round per key, and early on most keys enter: with
+    random scores a query's first BN blocks cost BC-1 rounds plus (BC-1) * ln(BN / (BC-1)) more.
+    """
+    top = tl.sort(tl.trans(key), dim=1, descending=True)
+    # Sorted descending, so the elementwise max over the BN / KP chunks is the first chunk.
+    top = tl.trans(tl.max(tl.reshape(top, [BT, BN // KP, KP]), 1))
+    slot = tl.arange(0, KP)[:, None]
+    run = tl.where(top >= 0, top, -1 - slot.to(tl.int64))
+    return tl.where(slot < BC - 1, run, _DEAD_SLOT)
+
+
+@triton.jit
+def _topk_tile(key, run, thr, BC):
+    """One pass-2 tile: its keys [BN, BT] into the running top-(BC-1) lists `run` [KP, BT]."""
+    # Only keys above the query's minimum can enter its list.
+    enter = key > thr[None, :]
     key = tl.where(enter, key, _NOT_A_KEY)
     # Keys enter largest first, so a query takes at most BC-1 of one tile: that bounds the trip
     # count, decided once per tile (a per-insertion exit test would cost a reduction each time).
@@ -214,17 +240,25 @@ def _select_topk_kernel(
     t_ok = q0 + t_vec < q1
     own_t = (loc0 + t_vec) // BS
     slot = tl.arange(0, KP)
-    # Empty live slots hold -1 - slot (every real key is >= 0); dead slots never hold the minimum.
-    empty = tl.broadcast_to(-1 - slot[:, None].to(tl.int64), [KP, BT])
-    run = tl.where(slot[:, None] < BC - 1, empty, tl.full([KP, BT], _DEAD_SLOT, tl.int64))
+    if KP <= BN:
+        key = _tile_keys(q, kb_base, 0, lse, own_t, t_ok, own_max, skb_n, qk_scale, BT, GP, BN, D, IEEE, True)
+        run = _first_list(key, BC, BT, BN, KP)
+        start = BN
+    else:
+        # Empty live slots hold -1 - slot (every real key is >= 0); dead slots never hold the minimum.
+        empty = tl.broadcast_to(-1 - slot[:, None].to(tl.int64), [KP, BT])
+        run = tl.where(slot[:, None] < BC - 1, empty, tl.full([KP, BT], _DEAD_SLOT, tl.int64))
+        start = 0
     thr = tl.min(run, 0)
     unmasked_end = (loc0 // BS // BN * BN).to(tl.int32)
-    for n0 in range(0, unmasked_end, BN):
-        run, thr = _topk_tile(q, kb_base, n0, lse, run, thr, own_t, t_ok, own_max, skb_n, qk_scale, BC,
-                              BT, GP, BN, D, IEEE, False)  # fmt: skip
-    for n0 in range(unmasked_end, own_max, BN):
-        run, thr = _topk_tile(q, kb_base, n0, lse, run, thr, own_t, t_ok, own_max, skb_n, qk_scale, BC,
-                              BT, GP, BN, D, IEEE, True)  # fmt: skip
+    for n0 in range(start, unmasked_end, BN):
+        key = _tile_keys(q, kb_base, n0, lse, own_t, t_ok, own_max, skb_n, qk_scale,
+                         BT, GP, BN, D, IEEE, False)  # fmt: skip
+        run, thr = _topk_tile(key, run, thr, BC)
+    for n0 in range(tl.maximum(unmasked_end, start), own_max, BN):
+        key = _tile_keys(q, kb_base, n0, lse, own_t, t_ok, own_max, skb_n, qk_scale,
+                         BT, GP, BN, D, IEEE, True)  # fmt: skip
+        run, thr = _topk_tile(key, run, thr, BC)
 
     # The valid keys, ascending by block index, then the own block, then -1.
     run = tl.trans(run)
@@ -257,16 +291,17 @@ def select_blocks_planned(
     common = (plan.q_doc, plan.q_base, q.stride(0), q.stride(1), q.stride(2),
               kblock.stride(0), kblock.stride(1), kblock.stride(2), lse.stride(0), lse.stride(1))  # fmt: skip
     ieee = exact_dots(q.dtype)
-    # Pass 1 scores 64 rows (queries x group heads) against 32 blocks per step on one warpgroup;
+    # Pass 1 scores 64 rows (queries x group heads) against 64 blocks per step on one warpgroup;
     # its loop has no inner loop, so Triton pipelines it. Pass 2's running top-k is latency-bound
     # (an insertion round per entering key): one warp per 32 rows, where every reduction is a
-    # shuffle, 32 blocks per step (the fastest of 16-128 rows, 8-32 blocks, 1-4 warps timed on
-    # an H200 at 8k, 32k and 64k tokens: benchmarks/results/README.md, session 7).
+    # shuffle, 32 blocks per step. Both are the fastest launches timed on an H200 at 8k, 32k and
+    # 64k tokens (pass 1: 64-128 rows, 32-128 blocks, 4-8 warps; pass 2: 16-128 rows, 8-64
+    # blocks, 1-4 warps; benchmarks/results/README.md, session 7).
     bt1 = max(1, 64 // gp)
     tile_q0, tile_q1 = query_tiles(plan.spans, bt1, q.device)
     _select_lse_kernel[(tile_q0.numel(), b * h)](
         q, kblock, lse, tile_q0, tile_q1, *common, q_offset, scale * LOG2E, h, g,
-        BS=block_size, BT=bt1, GP=gp, BN=32, D=d, IEEE=ieee, num_warps=4,
+        BS=block_size, BT=bt1, GP=gp, BN=64, D=d, IEEE=ieee, num_warps=4,
     )  # fmt: skip
     bt2 = max(1, 32 // gp)
     tile_q0, tile_q1 = query_tiles(plan.spans, bt2, q.device)
