@@ -1,14 +1,16 @@
-"""Time launch parameters of the selected-attention kernels (forward, dq, dk/dv) on this GPU.
+"""Time launch parameters of the SSA kernels (selection passes, selected-attention forward, dq, dk/dv).
 
     python tools/sweep_selected_attention.py --seq-lens 8192 65536
 
 For one layout (default: the 1B model's 32 query heads, 2 KV heads, head_dim 64, block_size 16,
 block_count 16, bf16, batch 1) and each length, every launch of a grid is timed per kernel (median of
 CUDA-event timings after warm-up) next to the shipped one (`default_launch` in
-kernels/ssa/selected_attention_kernel.py), and its output is compared with the shipped launch's
-(relative error by the norm). A launch the GPU refuses (e.g. too much shared memory) is a row with
-its error. Prints the fastest launch per kernel and length and writes JSON to benchmarks/results/.
-The shipped launches came from such a run on an H200; rerun it on another GPU to check them.
+kernels/ssa/selected_attention_kernel.py, `SelectLaunch` in kernels/ssa/selection_kernel.py), and its
+output is compared with the shipped launch's: relative error by the norm (floats), or the fraction of
+rows that differ (selected indices; fp32 summation order may flip near-ties). A launch the GPU refuses
+(e.g. too much shared memory) is a row with its error. Prints the fastest launch per kernel and length
+and writes JSON to benchmarks/results/. The shipped launches came from such runs on an H200; rerun it on
+another GPU to check them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ GRIDS = {
     "fwd": {"fwd_warps": (1, 2, 4), "fwd_stages": (1, 2, 3), "fwd_keys": (32, 64, 128)},
     "dq": {"dq_warps": (2, 4, 8), "dq_stages": (1, 2, 3), "dq_keys": (32, 64, 128)},
     "dkdv": {"dkdv_warps": (2, 4, 8), "dkdv_stages": (1, 2, 3), "dkdv_rows": (16, 32, 64, 128)},
+    "select_lse": {"lse_rows": (64, 128), "lse_blocks": (32, 64, 128), "lse_warps": (4, 8)},
+    "select_topk": {"topk_rows": (32, 16, 64), "topk_blocks": (32, 16, 64), "topk_warps": (1, 2, 4)},
 }
 
 
@@ -64,12 +68,35 @@ def launches(kernel: str, quick: bool) -> list[dict[str, int]]:
     return grid[:2] if quick else grid
 
 
+def shipped_launches(head_dim: int) -> dict[str, Any]:
+    """Per kernel, the launch parameters it ships with."""
+    from kernels.ssa.selected_attention_kernel import default_launch
+    from kernels.ssa.selection_kernel import SelectLaunch
+
+    attention = default_launch(head_dim)
+    return {kernel: SelectLaunch() if kernel.startswith("select") else attention for kernel in GRIDS}
+
+
+def difference(out: Any, reference: Any) -> dict[str, float]:
+    """How a launch's output differs from the shipped launch's."""
+    import torch
+
+    if not out.is_floating_point():
+        return {"rows_differing_vs_shipped": (out != reference).flatten(0, -2).any(-1).float().mean().item()}
+    finite = torch.isfinite(reference)
+    if not torch.equal(torch.isfinite(out), finite):
+        return {"rel_err_vs_shipped": float("inf")}
+    a, b = out[finite].double(), reference[finite].double()
+    return {"rel_err_vs_shipped": ((a - b).norm() / b.norm()).item()}
+
+
 def kernel_calls(args: argparse.Namespace, t: int, device: Any) -> dict[str, Callable[[Any], Any]]:
-    """Per kernel, a function of a Launch that runs it once on fixed inputs and returns its output."""
+    """Per kernel, a function of its launch that runs it once on fixed inputs and returns its output."""
     import torch
 
     from kernels import ssa
     from kernels.ssa import selected_attention_kernel as sak
+    from kernels.ssa import selection_kernel as sk
     from kernels.ssa._plan import make_plan
     from kernels.ssa.segment_table import segment_table
 
@@ -87,7 +114,13 @@ def kernel_calls(args: argparse.Namespace, t: int, device: Any) -> dict[str, Cal
     # Built once: the segment table does not depend on the launch (and its small ops would make the
     # dk/dv timing host-bound).
     table = segment_table(idx, plan, args.kv_heads)
+    kb = ssa.block_keys(k, bs, backend="triton")
+    lse_sel = sk._selection_lse(q, kb, bs, 0, scale, plan, sk.SelectLaunch())
     return {
+        "select_lse": lambda launch: sk._selection_lse(q, kb, bs, 0, scale, plan, launch),
+        "select_topk": lambda launch: sk._selection_topk(
+            q, kb, lse_sel, bs, args.block_count, 0, scale, plan, launch
+        ),
         "fwd": lambda launch: sak._forward(q, k, v, idx, bs, 0, scale, plan, launch)[0],
         "dq": lambda launch: sak._dq(q, k, v, idx, o, lse, do, None, bs, 0, scale, plan, launch)[0],
         "dkdv": lambda launch: torch.cat(
@@ -97,22 +130,21 @@ def kernel_calls(args: argparse.Namespace, t: int, device: Any) -> dict[str, Cal
 
 
 def sweep_length(args: argparse.Namespace, t: int, device: Any) -> list[dict[str, Any]]:
-    from kernels.ssa.selected_attention_kernel import default_launch
     from ssa_megatron.benchmarking import cuda_time_ms
 
-    shipped = default_launch(args.head_dim)
+    shipped_by_kernel = shipped_launches(args.head_dim)
     rows = []
     for kernel, call in kernel_calls(args, t, device).items():
         if kernel not in args.kernels:
             continue
-        reference = call(shipped).float()
+        shipped = shipped_by_kernel[kernel]
+        reference = call(shipped)
         shipped_ms = cuda_time_ms(partial(call, shipped), args.reps, args.warmup)
         for fields in launches(kernel, args.quick):
             launch = dataclasses.replace(shipped, **fields)
             row: dict[str, Any] = {"T": t, "kernel": kernel, "launch": fields, "shipped_ms": shipped_ms}
             try:
-                out = call(launch).float()  # compiles it, too
-                row["rel_err_vs_shipped"] = ((out - reference).norm() / reference.norm()).item()
+                row |= difference(call(launch), reference)  # compiles it, too
                 row["ms"] = cuda_time_ms(partial(call, launch), args.reps, args.warmup)
             except Exception as error:  # a launch the GPU refuses is a result, not a crash
                 row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
@@ -134,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from kernels.ssa.selected_attention_kernel import default_launch
     from ssa_megatron.benchmarking import environment, write_result
 
     if torch.cuda.is_available():
@@ -154,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         **environment(),
         "layout": {k: getattr(args, k) for k in LAYOUT_ARGS},
-        "shipped_launch": dataclasses.asdict(default_launch(args.head_dim)),
+        "shipped_launch": {k: dataclasses.asdict(v) for k, v in shipped_launches(args.head_dim).items()},
         "rows": rows,
         "fastest": best,
     }

@@ -34,6 +34,7 @@ the best BC-1 become the lists (2.5% faster at 64k, 2.5% at 32k, 5.5% at 8k).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -272,42 +273,79 @@ def _select_topk_kernel(
     tl.store(out_ptr, res.to(tl.int32), mask=t_ok[:, None] & (slot[None, :] < BC))
 
 
-def select_blocks_planned(
-    q: torch.Tensor, kblock: torch.Tensor, block_size: int, block_count: int, q_offset: int, scale: float,
-    plan: Plan,
+@dataclass(frozen=True)
+class SelectLaunch:
+    """Launch parameters of the two selection kernels (``tools/sweep_selected_attention.py`` times others).
+
+    Rows are queries x group heads (padded to a power of two). Pass 1 is a pipelined reduction, fastest
+    on a warpgroup; pass 2's running top-k is latency-bound on its insertion rounds, fastest on one warp
+    (every reduction a shuffle). The defaults are the fastest launches timed on an H200 at 8k, 32k and
+    64k tokens (1B layout, bf16; pass 1: 64-128 rows, 32-128 blocks, 4-8 warps; pass 2: 16-128 rows,
+    8-64 blocks, 1-4 warps; benchmarks/results/README.md, session 7).
+    """
+
+    lse_rows: int = 64
+    lse_blocks: int = 64
+    lse_warps: int = 4
+    topk_rows: int = 32
+    topk_blocks: int = 32
+    topk_warps: int = 1
+
+
+def _selection_lse(
+    q: torch.Tensor, kblock: torch.Tensor, block_size: int, q_offset: int, scale: float, plan: Plan,
+    launch: SelectLaunch,
 ) -> torch.Tensor:  # fmt: skip
+    """Pass 1: fp32 [B, Tq, HQ], each query head's log2-sum-exp over its complete blocks (+inf if none)."""
     b, tq, hq, d = q.shape
     h = kblock.shape[2]
-    g = hq // h
-    out = _alloc.empty(b, tq, h, block_count, device=q.device, dtype=torch.int32)
-    if block_count == 1:
-        # No candidate slot: only the own block, which needs no scoring.
-        pos = q_offset + torch.arange(tq, device=q.device, dtype=torch.int32)
-        out.copy_(((pos - plan.q_doc) // block_size).view(1, tq, 1, 1).expand_as(out))
-        return out
-    gp = max(next_pow2(g), 1)
-    kp = next_pow2(block_count)
+    gp = next_pow2(hq // h)
+    bt = max(1, launch.lse_rows // gp)
     lse = _alloc.empty(b, tq, hq, device=q.device, dtype=torch.float32)
-    common = (plan.q_doc, plan.q_base, q.stride(0), q.stride(1), q.stride(2),
-              kblock.stride(0), kblock.stride(1), kblock.stride(2), lse.stride(0), lse.stride(1))  # fmt: skip
-    ieee = exact_dots(q.dtype)
-    # Pass 1 scores 64 rows (queries x group heads) against 64 blocks per step on one warpgroup;
-    # its loop has no inner loop, so Triton pipelines it. Pass 2's running top-k is latency-bound
-    # (an insertion round per entering key): one warp per 32 rows, where every reduction is a
-    # shuffle, 32 blocks per step. Both are the fastest launches timed on an H200 at 8k, 32k and
-    # 64k tokens (pass 1: 64-128 rows, 32-128 blocks, 4-8 warps; pass 2: 16-128 rows, 8-64
-    # blocks, 1-4 warps; benchmarks/results/README.md, session 7).
-    bt1 = max(1, 64 // gp)
-    tile_q0, tile_q1 = query_tiles(plan.spans, bt1, q.device)
+    tile_q0, tile_q1 = query_tiles(plan.spans, bt, q.device)
     _select_lse_kernel[(tile_q0.numel(), b * h)](
-        q, kblock, lse, tile_q0, tile_q1, *common, q_offset, scale * LOG2E, h, g,
-        BS=block_size, BT=bt1, GP=gp, BN=64, D=d, IEEE=ieee, num_warps=4,
+        q, kblock, lse, tile_q0, tile_q1, plan.q_doc, plan.q_base,
+        q.stride(0), q.stride(1), q.stride(2), kblock.stride(0), kblock.stride(1), kblock.stride(2),
+        lse.stride(0), lse.stride(1), q_offset, scale * LOG2E, h, hq // h,
+        BS=block_size, BT=bt, GP=gp, BN=launch.lse_blocks, D=d, IEEE=exact_dots(q.dtype),
+        num_warps=launch.lse_warps,
     )  # fmt: skip
-    bt2 = max(1, 32 // gp)
-    tile_q0, tile_q1 = query_tiles(plan.spans, bt2, q.device)
+    return lse
+
+
+def _selection_topk(
+    q: torch.Tensor, kblock: torch.Tensor, lse: torch.Tensor, block_size: int, block_count: int,
+    q_offset: int, scale: float, plan: Plan, launch: SelectLaunch,
+) -> torch.Tensor:  # fmt: skip
+    """Pass 2: the selected block indices, int32 [B, Tq, H, block_count]."""
+    b, tq, hq, d = q.shape
+    h = kblock.shape[2]
+    gp = next_pow2(hq // h)
+    kp = next_pow2(block_count)
+    bt = max(1, launch.topk_rows // gp)
+    out = _alloc.empty(b, tq, h, block_count, device=q.device, dtype=torch.int32)
+    tile_q0, tile_q1 = query_tiles(plan.spans, bt, q.device)
     _select_topk_kernel[(tile_q0.numel(), b * h)](
-        q, kblock, lse, out, tile_q0, tile_q1, *common, out.stride(0), out.stride(1), out.stride(2),
-        q_offset, scale * LOG2E, h, g, block_count,
-        BS=block_size, BT=bt2, GP=gp, BN=32, KP=kp, D=d, IEEE=ieee, num_warps=1 if kp <= 64 else 4,
+        q, kblock, lse, out, tile_q0, tile_q1, plan.q_doc, plan.q_base,
+        q.stride(0), q.stride(1), q.stride(2), kblock.stride(0), kblock.stride(1), kblock.stride(2),
+        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        q_offset, scale * LOG2E, h, hq // h, block_count,
+        BS=block_size, BT=bt, GP=gp, BN=launch.topk_blocks, KP=kp, D=d, IEEE=exact_dots(q.dtype),
+        # Lists of more than 64 slots (block_count > 64, inference) spread over 4 warps.
+        num_warps=launch.topk_warps if kp <= 64 else 4,
     )  # fmt: skip
     return out
+
+
+def select_blocks_planned(
+    q: torch.Tensor, kblock: torch.Tensor, block_size: int, block_count: int, q_offset: int, scale: float,
+    plan: Plan, launch: SelectLaunch = SelectLaunch(),
+) -> torch.Tensor:  # fmt: skip
+    if block_count == 1:
+        # No candidate slot: only the own block, which needs no scoring.
+        b, tq, h = q.shape[0], q.shape[1], kblock.shape[2]
+        pos = q_offset + torch.arange(tq, device=q.device, dtype=torch.int32)
+        own = ((pos - plan.q_doc) // block_size).view(1, tq, 1, 1)
+        return own.expand(b, tq, h, 1).to(torch.int32).contiguous()
+    lse = _selection_lse(q, kblock, block_size, q_offset, scale, plan, launch)
+    return _selection_topk(q, kblock, lse, block_size, block_count, q_offset, scale, plan, launch)
