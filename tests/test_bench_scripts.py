@@ -102,6 +102,23 @@ def test_kernel_verdicts_name_the_limiting_term() -> None:
     assert bench.misses([row]) == []
 
 
+def test_sweep_compares_indices_by_rows_and_floats_by_their_finite_entries() -> None:
+    import torch
+
+    sweep = _tool("sweep_selected_attention")
+    idx = torch.arange(24, dtype=torch.int32).view(2, 3, 4)
+    moved = idx.clone()
+    moved[1, 2, 0] = -1
+    assert sweep.difference(idx, idx) == {"rows_differing_vs_shipped": 0.0}
+    assert sweep.difference(moved, idx) == {"rows_differing_vs_shipped": pytest.approx(1 / 6)}
+    lse = torch.tensor([float("inf"), 1.0, 2.0])
+    assert sweep.difference(lse + torch.tensor([0.0, 0.0, 1e-3]), lse)["rel_err_vs_shipped"] == pytest.approx(
+        1e-3 / 5**0.5, rel=1e-4
+    )
+    # A launch that leaves a row without its LSE (or gives one where there is none) is not "close".
+    assert sweep.difference(torch.tensor([1.0, 1.0, 2.0]), lse) == {"rel_err_vs_shipped": float("inf")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kernels", [["dkdv", "dq", "fwd", "select_lse", "select_topk"], ["dkdv"]])
 def test_sweep_selected_attention_times_launches_against_the_shipped_one(
