@@ -43,7 +43,7 @@ def test_idle_gaps_charge_each_gap_to_the_launch_that_ended_it() -> None:
         # A later op on thread 2 that must not be taken for an enclosing one.
         _op("aten::add", 300.0, 5.0, tid=2),
         _kernel("gemm", 10.0, 30.0, 1),  # busy 10-40
-        _kernel("_select_kernel", 50.0, 100.0, 2),  # idle 40-50: charged to the driver launch
+        _kernel("_select_topk_kernel", 50.0, 100.0, 2),  # idle 40-50: charged to the driver launch
         _kernel("overlap_on_other_stream", 60.0, 20.0, 9, stream=8),  # no launch record, no idle
         _kernel("sort_kernel", 170.0, 10.0, 3),  # idle 150-170: charged to the backward's sort
     ]
@@ -53,7 +53,7 @@ def test_idle_gaps_charge_each_gap_to_the_launch_that_ended_it() -> None:
     assert set(by_op) == {"autograd::engine::evaluate_function: XBackward0 > aten::sort", "(no host op)"}
     assert by_op["autograd::engine::evaluate_function: XBackward0 > aten::sort"]["ms"] == pytest.approx(0.01)
     assert by_op["(no host op)"]["gaps"] == pytest.approx(0.5)
-    assert [row["name"] for row in result["by_next_kernel"]] == ["sort_kernel", "_select_kernel"]
+    assert [row["name"] for row in result["by_next_kernel"]] == ["sort_kernel", "_select_topk_kernel"]
 
 
 def test_idle_gaps_read_a_real_profiler_trace(tmp_path: Path) -> None:
