@@ -326,6 +326,7 @@ def test_non_positive_or_non_finite_scale_is_refused(scale: float) -> None:
         (2, 16, 128, 64, 8, None, None),
         (2, 3, 64, 32, 16, (1000, 4096), None),
         (1, 32, 128, 16, 32, None, [0, 1000, 1001, 3000, 4096]),
+        (2, 16, 64, 16, 128, (2048, 4096), None),  # inference budget: 128-slot lists, pass 2 on 4 warps
     ],
 )
 def test_gpu_realistic_sizes(
