@@ -1,11 +1,11 @@
 """The selected-attention forward's loads without its math: a measured floor under its time.
 
 Each program reads exactly what ``_fwd_kernel`` reads (the same grid, key step, launch, and the
-same ``_walk``/``_selected_keys``/``_key_rows`` addressing) and only sums the K and V rows, so
-its time is what the memory system needs to deliver the gathered tiles. ``tools/bench_kernels.py``
-times it next to the forward: where the two are close, the forward is bound by the gather (L2
-bandwidth for random selections), not by its arithmetic, and no tuning of the math can reach a
-FLOP rate above ``flops / gather time``.
+same ``_row_and_head``/``_walk``/``_selected_keys``/``_key_rows`` addressing) and only sums the
+K and V rows, so its time is what the memory system needs to deliver the gathered tiles.
+``tools/bench_kernels.py`` times it next to the forward: where the two are close, the forward is
+bound by the gather (L2 bandwidth for random selections), not by its arithmetic, and no tuning of
+the math can reach a FLOP rate above ``flops / gather time``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.ssa._plan import Plan
-from kernels.ssa.selected_attention_kernel import Launch, _key_rows, _selected_keys, _walk
+from kernels.ssa.selected_attention_kernel import Launch, _key_rows, _row_and_head, _selected_keys, _walk
 
 
 @triton.jit
@@ -25,10 +25,7 @@ def _gather_kernel(
     q_offset, H, BC,
     BS: tl.constexpr, KN: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
-    i = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
+    i, b, h = _row_and_head(H)
     d = tl.arange(0, D)
     doc, loc, c_in, r, k_base, v_base, idx_row = _walk(
         QDOC, IDX, K, V, i, b, h, q_offset, sk_b, sk_h, si_b, si_t, si_h, BS, KN
@@ -39,7 +36,7 @@ def _gather_kernel(
         kt = _key_rows(k_base, kpos, ok, sk_t, d)
         vt = _key_rows(v_base, kpos, ok, sk_t, d)
         acc += tl.sum(kt.to(tl.float32) + vt.to(tl.float32), 0)
-    tl.store(OUT + i * so_t + bh * so_bh + d, acc)
+    tl.store(OUT + i * so_t + (b * H + h) * so_bh + d, acc)
 
 
 def gathered_sums(

@@ -27,6 +27,13 @@ from kernels.ssa.selection_kernel import LOG2E, _dot, exact_dots
 
 
 @triton.jit
+def _row_and_head(H):
+    """The program's query row, batch and KV head in a (Tq, B * H) grid."""
+    bh = tl.program_id(1)
+    return tl.program_id(0).to(tl.int64), (bh // H).to(tl.int64), bh % H
+
+
+@triton.jit
 def _walk(
     QDOC, IDX, K, V, i, b, h, q_offset, sk_b, sk_h, si_b, si_t, si_h, BS: tl.constexpr, KN: tl.constexpr
 ):
@@ -61,10 +68,7 @@ def _fwd_kernel(
     q_offset, qk_scale, H, G, BC,
     BS: tl.constexpr, GP: tl.constexpr, KN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    i = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
+    i, b, h = _row_and_head(H)
     g = tl.arange(0, GP)
     g_ok = g < G
     d = tl.arange(0, D)
@@ -108,10 +112,7 @@ def _dq_kernel(
     # OUT, DO and DQ share q's strides, DLSE and DELTA the LSE's (the wrapper lays them out so).
     # Delta = rowsum(dO * O) is computed here and stored for the dK/dV kernel: as separate torch
     # ops (two fp32 casts, a product, a sum) it cost ~0.2 ms per layer at 8k tokens (H200 profile).
-    i = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
+    i, b, h = _row_and_head(H)
     g = tl.arange(0, GP)
     g_ok = g < G
     d = tl.arange(0, D)
