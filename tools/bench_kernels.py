@@ -66,6 +66,12 @@ def bench_one(args: argparse.Namespace, t: int, fla_nsa: Callable | None) -> dic
     time = lambda fn: cuda_time_ms(fn, args.reps, args.warmup)
     row: dict = {"T": t}
 
+    def grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor) -> None:
+        # Returned, not accumulated into .grad: inside a model q, k and v are activations, and an
+        # accumulation would add to every call a read-modify-write of each gradient (0.1 ms per
+        # query-sized tensor at 32k tokens on an H200) that is not attention's work.
+        torch.autograd.grad(out, inputs, grad_out)
+
     # Dense baseline: SDPA causal on [B, H, T, D] with K/V expanded to the query heads outside
     # the timed region (what a dense GQA layer hands to SDPA's flash backend).
     qd = q.detach().transpose(1, 2).contiguous().requires_grad_(True)
@@ -75,11 +81,11 @@ def bench_one(args: argparse.Namespace, t: int, fla_nsa: Callable | None) -> dic
     sdpa = lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
     with torch.no_grad():
         row["sdpa_fwd_ms"] = time(sdpa)
-    row["sdpa_fwdbwd_ms"] = time(lambda: sdpa().backward(dod))
+    sdpa_fwdbwd = lambda: grads(sdpa(), (qd, kd, vd), dod)
+    row["sdpa_fwdbwd_ms"] = time(sdpa_fwdbwd)
 
     def ours_dense() -> None:
-        o, _ = ssa.dense_attention(q, k, v)
-        o.backward(do)
+        grads(ssa.dense_attention(q, k, v)[0], (q, k, v), do)
 
     row["ours_dense_fwdbwd_ms"] = time(ours_dense)
 
@@ -92,11 +98,11 @@ def bench_one(args: argparse.Namespace, t: int, fla_nsa: Callable | None) -> dic
         # The forward's loads alone (same grid and launch, no math): the floor the gather sets.
         plan, launch, idx_c = make_plan(None, 1, t, 0, t, bs, q.device), default_launch(d), idx.contiguous()
         row["sel_attn_gather_ms"] = time(lambda: gathered_sums(k, v, idx_c, bs, 0, plan, launch))
-    row["sel_attn_fwdbwd_ms"] = time(lambda: ssa.selected_attention(q, k, v, idx, bs)[0].backward(do))
+    sel_attn = lambda: ssa.selected_attention(q, k, v, idx, bs)[0]
+    row["sel_attn_fwdbwd_ms"] = time(lambda: grads(sel_attn(), (q, k, v), do))
 
     def sparse_branch() -> None:
-        o, _, _ = ssa.sparse_attention(q, k, v, bs, bc)
-        o.backward(do)
+        grads(ssa.sparse_attention(q, k, v, bs, bc)[0], (q, k, v), do)
 
     row["sparse_fwdbwd_ms"] = time(sparse_branch)
     flops = 4 * t * bc * bs * d * hq
@@ -108,7 +114,7 @@ def bench_one(args: argparse.Namespace, t: int, fla_nsa: Callable | None) -> dic
     row["sparse_over_dense_fwdbwd"] = row["sparse_fwdbwd_ms"] / row["sdpa_fwdbwd_ms"]
     # The same two calls as device busy time (kernels only): what they cost inside a model, where the
     # host launches ahead, while the wall times above also hold each call's launch overhead.
-    row["sdpa_fwdbwd_device_ms"] = kernel_profile(lambda: sdpa().backward(dod), args.reps)["device_busy_ms"]
+    row["sdpa_fwdbwd_device_ms"] = kernel_profile(sdpa_fwdbwd, args.reps)["device_busy_ms"]
     row["sparse_fwdbwd_device_ms"] = kernel_profile(sparse_branch, args.reps)["device_busy_ms"]
     row["sparse_over_dense_device"] = row["sparse_fwdbwd_device_ms"] / row["sdpa_fwdbwd_device_ms"]
 
@@ -127,7 +133,7 @@ def bench_one(args: argparse.Namespace, t: int, fla_nsa: Callable | None) -> dic
                 run = lambda kw=kwargs: fla_nsa(q, k, v, **kw)
                 with torch.no_grad():
                     row[f"{name}_fwd_ms"] = time(run)
-                row[f"{name}_fwdbwd_ms"] = time(lambda r=run: r().backward(do))
+                row[f"{name}_fwdbwd_ms"] = time(lambda r=run: grads(r(), (q, k, v), do))
             except Exception as exc:
                 row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     torch.cuda.empty_cache()
