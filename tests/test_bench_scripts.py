@@ -119,6 +119,29 @@ def test_sweep_compares_indices_by_rows_and_floats_by_their_finite_entries() -> 
     assert sweep.difference(torch.tensor([1.0, 1.0, 2.0]), lse) == {"rel_err_vs_shipped": float("inf")}
 
 
+def sweep_launches(kernel: str, grids: list[str]) -> list[dict]:
+    return _tool("sweep_selected_attention").launches(kernel, grids, quick=True)
+
+
+def test_sweep_launches_concatenate_the_named_grids() -> None:
+    import dataclasses
+
+    sweep = _tool("sweep_selected_attention")
+    shape = sweep.launches("dq", ["shape"], quick=False)
+    registers = sweep.launches("dq", ["registers"], quick=False)
+    assert len(shape) == 27 and registers == [{"dq_maxnreg": 128}, {"dq_maxnreg": 112}]
+    assert sweep.launches("dq", ["shape", "registers"], quick=False) == shape + registers
+    assert sweep.launches("dkdv", ["registers", "shape"], quick=True) == [
+        {"dkdv_stages": 2, "dkdv_maxnreg": 128}, {"dkdv_stages": 2, "dkdv_maxnreg": 96}
+    ]
+    # Every swept field is a launch parameter of that kernel (a misspelt one would fail at replace()).
+    shipped = sweep.shipped_launches(64)
+    for kernel, grids in sweep.GRIDS.items():
+        assert set(grids) == set(sweep.GRID_NAMES)
+        for grid in grids.values():
+            assert set(grid) <= {f.name for f in dataclasses.fields(shipped[kernel])}, kernel
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kernels", [["dkdv", "dq", "fwd", "select_lse", "select_topk"], ["dkdv"]])
 def test_sweep_selected_attention_times_launches_against_the_shipped_one(
@@ -127,7 +150,8 @@ def test_sweep_selected_attention_times_launches_against_the_shipped_one(
     import os
 
     out = tmp_path / "sweep.json"
-    only = ["--kernels", *kernels] if len(kernels) == 1 else []
+    # One kernel alone: its register caps (dropped by the interpreter, but the path is the GPU's).
+    only = ["--kernels", *kernels, "--grids", "registers"] if len(kernels) == 1 else []
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "sweep_selected_attention.py"), "--seq-lens", "32",
          "--q-heads", "4", "--kv-heads", "2", "--head-dim", "16", "--quick", "--reps", "1", "--warmup", "0",
@@ -146,6 +170,8 @@ def test_sweep_selected_attention_times_launches_against_the_shipped_one(
         assert row.get("rel_err_vs_shipped", 0.0) < 1e-5 and row.get("rows_differing_vs_shipped", 0.0) == 0.0
     assert {row["kernel"] for row in result["fastest"]} == set(kernels)
     assert result["shipped_launch"]["fwd"]["fwd_warps"] >= 1 and result["layout"]["head_dim"] == 16
+    if kernels == ["dkdv"]:
+        assert [r["launch"] for r in result["rows"]] == sweep_launches("dkdv", ["registers"])
     if "select_topk" in kernels:
         assert result["shipped_launch"]["select_topk"]["topk_warps"] == 1
         assert {tuple(r["launch"]) for r in result["rows"] if r["kernel"] == "select_topk"} == {

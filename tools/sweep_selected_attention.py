@@ -28,14 +28,34 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYOUT_ARGS = ("q_heads", "kv_heads", "head_dim", "block_size", "block_count")
-# Per kernel, the Launch fields swept and their values.
+# Per kernel, named grids of the Launch fields swept and their values (each grid a product).
+# "registers" caps the registers per thread at the steps where one more program fits on an SM
+# (sm90 compiles of the 1B layout: the forward uses 150 registers on 1 warp, dq 137 on 2, pass 2 of
+# the selection 136 on 1, pass 1 95 on 4; dk/dv is held to 3 programs per SM by the shared memory
+# of its 3 stages, so its caps come with 2 stages).
 GRIDS = {
-    "fwd": {"fwd_warps": (1, 2, 4), "fwd_stages": (1, 2, 3), "fwd_keys": (32, 64, 128)},
-    "dq": {"dq_warps": (2, 4, 8), "dq_stages": (1, 2, 3), "dq_keys": (32, 64, 128)},
-    "dkdv": {"dkdv_warps": (2, 4, 8), "dkdv_stages": (1, 2, 3), "dkdv_rows": (16, 32, 64, 128)},
-    "select_lse": {"lse_rows": (64, 128), "lse_blocks": (32, 64, 128), "lse_warps": (4, 8)},
-    "select_topk": {"topk_rows": (32, 16, 64), "topk_blocks": (32, 16, 64), "topk_warps": (1, 2, 4)},
+    "fwd": {
+        "shape": {"fwd_warps": (1, 2, 4), "fwd_stages": (1, 2, 3), "fwd_keys": (32, 64, 128)},
+        "registers": {"fwd_maxnreg": (128, 112, 104)},
+    },
+    "dq": {
+        "shape": {"dq_warps": (2, 4, 8), "dq_stages": (1, 2, 3), "dq_keys": (32, 64, 128)},
+        "registers": {"dq_maxnreg": (128, 112)},
+    },
+    "dkdv": {
+        "shape": {"dkdv_warps": (2, 4, 8), "dkdv_stages": (1, 2, 3), "dkdv_rows": (16, 32, 64, 128)},
+        "registers": {"dkdv_stages": (2,), "dkdv_maxnreg": (128, 96)},
+    },
+    "select_lse": {
+        "shape": {"lse_rows": (64, 128), "lse_blocks": (32, 64, 128), "lse_warps": (4, 8)},
+        "registers": {"lse_maxnreg": (80, 64)},
+    },
+    "select_topk": {
+        "shape": {"topk_rows": (32, 16, 64), "topk_blocks": (32, 16, 64), "topk_warps": (1, 2, 4)},
+        "registers": {"topk_maxnreg": (128, 120)},
+    },
 }
+GRID_NAMES = ("shape", "registers")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--kernels", nargs="+", choices=sorted(GRIDS), default=sorted(GRIDS),
                    help="which kernels' launches to time (default: all)")
+    p.add_argument("--grids", nargs="+", choices=GRID_NAMES, default=list(GRID_NAMES),
+                   help="which grids of each kernel to time (default: all)")
     p.add_argument("--quick", action="store_true",
                    help="only the first two launches of each grid (smoke runs under TRITON_INTERPRET=1)")
     p.add_argument("--out", type=Path,
@@ -62,10 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def launches(kernel: str, quick: bool) -> list[dict[str, int]]:
-    fields = GRIDS[kernel]
-    grid = [dict(zip(fields, values, strict=True)) for values in itertools.product(*fields.values())]
-    return grid[:2] if quick else grid
+def launches(kernel: str, grids: list[str], quick: bool) -> list[dict[str, Any]]:
+    out = []
+    for name in grids:
+        fields = GRIDS[kernel][name]
+        out += [dict(zip(fields, values, strict=True)) for values in itertools.product(*fields.values())]
+    return out[:2] if quick else out
 
 
 def shipped_launches(head_dim: int) -> dict[str, Any]:
@@ -140,7 +164,7 @@ def sweep_length(args: argparse.Namespace, t: int, device: Any) -> list[dict[str
         shipped = shipped_by_kernel[kernel]
         reference = call(shipped)
         shipped_ms = cuda_time_ms(partial(call, shipped), args.reps, args.warmup)
-        for fields in launches(kernel, args.quick):
+        for fields in launches(kernel, args.grids, args.quick):
             launch = dataclasses.replace(shipped, **fields)
             row: dict[str, Any] = {"T": t, "kernel": kernel, "launch": fields, "shipped_ms": shipped_ms}
             try:

@@ -54,6 +54,6 @@ def gathered_sums(
         out.stride(0), out.stride(1),
         q_offset, h, idx.shape[3],
         BS=block_size, KN=max(block_size, launch.fwd_keys), D=d,
-        num_warps=launch.fwd_warps, num_stages=launch.fwd_stages,
+        num_warps=launch.fwd_warps, num_stages=launch.fwd_stages, maxnreg=launch.fwd_maxnreg,
     )  # fmt: skip
     return out

@@ -236,17 +236,23 @@ class Launch:
     forward is 1.09x / 1.27x faster with 1 warp and 32 keys per step, dq 1.13x / 1.27x with 2 warps and
     2 stages, the dk/dv segments 1.31x / 1.07x with 128 rows (queries x group heads) per step and 3
     stages. The key step changes the forward's bf16 rounding; the others give the same bits.
+
+    ``*_maxnreg`` caps the registers per thread (None: the compiler's choice). The kernels wait on
+    gathered loads, so more resident warps can pay for a few spilled registers.
     """
 
     fwd_warps: int = 1
     fwd_stages: int = 2
     fwd_keys: int = 32
+    fwd_maxnreg: int | None = None
     dq_warps: int = 2
     dq_stages: int = 2
     dq_keys: int = 64
+    dq_maxnreg: int | None = None
     dkdv_rows: int = 128
     dkdv_stages: int = 3
     dkdv_warps: int = 4
+    dkdv_maxnreg: int | None = None
 
 
 def default_launch(head_dim: int) -> Launch:
@@ -276,6 +282,7 @@ def _forward(
         q_offset, scale * LOG2E, h, hq // h, idx.shape[3],
         BS=block_size, GP=_group_rows(hq // h), KN=max(block_size, launch.fwd_keys), D=d,
         IEEE=exact_dots(q.dtype), num_warps=launch.fwd_warps, num_stages=launch.fwd_stages,
+        maxnreg=launch.fwd_maxnreg,
     )  # fmt: skip
     return o, lse
 
@@ -297,7 +304,7 @@ def _dq(
         q_offset, scale * LOG2E, scale, h, hq // h, idx.shape[3],
         BS=block_size, GP=_group_rows(hq // h), KN=max(block_size, launch.dq_keys), D=d,
         IEEE=exact_dots(q.dtype), HAS_DLSE=dlse is not None, num_warps=launch.dq_warps,
-        num_stages=launch.dq_stages,
+        num_stages=launch.dq_stages, maxnreg=launch.dq_maxnreg,
     )  # fmt: skip
     return dq, delta
 
@@ -325,7 +332,7 @@ def _dkdv(
         lse.stride(0), lse.stride(1), lse.stride(2),
         q_offset, scale * LOG2E, scale, h, g, plan.n_blocks, n_keys, tq, pairs_per_token,
         BS=block_size, GP=gp, QC=max(1, launch.dkdv_rows // gp), D=d, IEEE=exact_dots(q.dtype),
-        num_warps=launch.dkdv_warps, num_stages=launch.dkdv_stages,
+        num_warps=launch.dkdv_warps, num_stages=launch.dkdv_stages, maxnreg=launch.dkdv_maxnreg,
     )  # fmt: skip
     dk = _alloc.empty_like(k)
     dv = _alloc.empty_like(v)

@@ -282,14 +282,20 @@ class SelectLaunch:
     (every reduction a shuffle). The defaults are the fastest launches timed on an H200 at 8k, 32k and
     64k tokens (1B layout, bf16; pass 1: 64-128 rows, 32-128 blocks, 4-8 warps; pass 2: 16-128 rows,
     8-64 blocks, 1-4 warps; benchmarks/results/README.md, session 7).
+
+    ``*_maxnreg`` caps the registers per thread (None: the compiler's choice), as in ``Launch``.
     """
 
     lse_rows: int = 64
     lse_blocks: int = 64
     lse_warps: int = 4
+    lse_maxnreg: int | None = None
     topk_rows: int = 32
     topk_blocks: int = 32
     topk_warps: int = 1
+    # Lists of more than 64 slots (block_count > 64, raised at inference) spread over more warps.
+    topk_warps_long_lists: int = 4
+    topk_maxnreg: int | None = None
 
 
 def _selection_lse(
@@ -308,7 +314,7 @@ def _selection_lse(
         q.stride(0), q.stride(1), q.stride(2), kblock.stride(0), kblock.stride(1), kblock.stride(2),
         lse.stride(0), lse.stride(1), q_offset, scale * LOG2E, h, hq // h,
         BS=block_size, BT=bt, GP=gp, BN=launch.lse_blocks, D=d, IEEE=exact_dots(q.dtype),
-        num_warps=launch.lse_warps,
+        num_warps=launch.lse_warps, maxnreg=launch.lse_maxnreg,
     )  # fmt: skip
     return lse
 
@@ -331,8 +337,8 @@ def _selection_topk(
         lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), out.stride(2),
         q_offset, scale * LOG2E, h, hq // h, block_count,
         BS=block_size, BT=bt, GP=gp, BN=launch.topk_blocks, KP=kp, D=d, IEEE=exact_dots(q.dtype),
-        # Lists of more than 64 slots (block_count > 64, inference) spread over 4 warps.
-        num_warps=launch.topk_warps if kp <= 64 else 4,
+        num_warps=launch.topk_warps if kp <= 64 else launch.topk_warps_long_lists,
+        maxnreg=launch.topk_maxnreg,
     )  # fmt: skip
     return out
 
