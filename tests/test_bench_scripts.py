@@ -129,13 +129,13 @@ def test_sweep_launches_concatenate_the_named_grids() -> None:
     sweep = _tool("sweep_selected_attention")
     shape = sweep.launches("dq", ["shape"], quick=False)
     registers = sweep.launches("dq", ["registers"], quick=False)
-    assert len(shape) == 27 and registers == [{"dq_maxnreg": 128}, {"dq_maxnreg": 112}]
+    assert len(shape) == 27 and registers == [{"dq_maxnreg": None}, {"dq_maxnreg": 128}, {"dq_maxnreg": 112}]
     assert sweep.launches("dq", ["shape", "registers"], quick=False) == shape + registers
     assert sweep.launches("dkdv", ["registers", "shape"], quick=True) == [
         {"dkdv_stages": 2, "dkdv_maxnreg": 128}, {"dkdv_stages": 2, "dkdv_maxnreg": 96}
     ]
     # Every swept field is a launch parameter of that kernel (a misspelt one would fail at replace()).
-    shipped = sweep.shipped_launches(64)
+    shipped = sweep.shipped_launches(64, 16)
     for kernel, grids in sweep.GRIDS.items():
         assert set(grids) == set(sweep.GRID_NAMES)
         for grid in grids.values():

@@ -258,6 +258,20 @@ def test_segment_table_lists_each_pair_once_in_query_order(
     assert sum(len(v) for v in want.values()) == int((idx >= 0).sum())
 
 
+def test_register_caps_only_for_the_layout_they_were_timed_on() -> None:
+    from kernels.ssa.selected_attention_kernel import default_launch
+    from kernels.ssa.selection_kernel import default_select_launch
+
+    # head_dim 64 with 16 group rows (dq pads any G <= 16 to 16 rows; pass 2 pads G to a power of two).
+    assert default_launch(64, 16).dq_maxnreg == 128 and default_launch(64, 4).dq_maxnreg == 128
+    assert default_select_launch(64, 16).topk_maxnreg == default_select_launch(64, 9).topk_maxnreg == 120
+    # Layouts that need other register counts keep the compiler's choice (a cap there would spill).
+    for head_dim, group in ((128, 16), (64, 32), (32, 16)):
+        assert default_launch(head_dim, group).dq_maxnreg is None
+    for head_dim, group in ((128, 16), (64, 4), (64, 32)):
+        assert default_select_launch(head_dim, group).topk_maxnreg is None
+
+
 def test_gather_bound_sums_exactly_the_rows_the_forward_reads() -> None:
     from kernels.ssa._plan import make_plan
     from kernels.ssa.gather_bound import gathered_sums
@@ -268,7 +282,7 @@ def test_gather_bound_sums_exactly_the_rows_the_forward_reads() -> None:
     kb = ssa.block_keys(k, bs, backend="naive")
     idx = ssa.select_blocks(q[:, lo:], kb, bs, bc, q_offset=lo, backend="naive").int().contiguous()
     plan = make_plan(None, b, t, lo, t - lo, bs, q.device)
-    got = gathered_sums(k, v, idx, bs, lo, plan, default_launch(16))
+    got = gathered_sums(k, v, idx, bs, lo, plan, default_launch(16, 2))
     want = torch.zeros_like(got)
     for bi, ti, hi, slot in torch.nonzero(idx >= 0).tolist():
         pos, first = lo + ti, int(idx[bi, ti, hi, slot]) * bs

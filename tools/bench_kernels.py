@@ -96,7 +96,8 @@ def bench_one(args: argparse.Namespace, t: int, fla_nsa: Callable | None) -> dic
         idx = ssa.select_blocks(q, kb, bs, bc)
         row["sel_attn_fwd_ms"] = time(lambda: ssa.selected_attention(q, k, v, idx, bs))
         # The forward's loads alone (same grid and launch, no math): the floor the gather sets.
-        plan, launch, idx_c = make_plan(None, 1, t, 0, t, bs, q.device), default_launch(d), idx.contiguous()
+        plan, launch = make_plan(None, 1, t, 0, t, bs, q.device), default_launch(d, hq // h)
+        idx_c = idx.contiguous()
         row["sel_attn_gather_ms"] = time(lambda: gathered_sums(k, v, idx_c, bs, 0, plan, launch))
     sel_attn = lambda: ssa.selected_attention(q, k, v, idx, bs)[0]
     row["sel_attn_fwdbwd_ms"] = time(lambda: grads(sel_attn(), (q, k, v), do))

@@ -5,8 +5,8 @@
 For one layout (default: the 1B model's 32 query heads, 2 KV heads, head_dim 64, block_size 16,
 block_count 16, bf16, batch 1) and each length, every launch of a grid is timed per kernel (median of
 CUDA-event timings after warm-up) next to the shipped one (`default_launch` in
-kernels/ssa/selected_attention_kernel.py, `SelectLaunch` in kernels/ssa/selection_kernel.py), and its
-output is compared with the shipped launch's: relative error by the norm (floats), or the fraction of
+kernels/ssa/selected_attention_kernel.py, `default_select_launch` in kernels/ssa/selection_kernel.py),
+and its output is compared with the shipped launch's: relative error by the norm (floats), or the fraction of
 rows that differ (selected indices; fp32 summation order may flip near-ties). A launch the GPU refuses
 (e.g. too much shared memory) is a row with its error. Prints the fastest launch per kernel and length
 and writes JSON to benchmarks/results/. The shipped launches came from such runs on an H200; rerun it on
@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYOUT_ARGS = ("q_heads", "kv_heads", "head_dim", "block_size", "block_count")
 # Per kernel, named grids of the Launch fields swept and their values (each grid a product).
-# "registers" caps the registers per thread at the steps where one more program fits on an SM
-# (sm90 compiles of the 1B layout: the forward uses 150 registers on 1 warp, dq 137 on 2, pass 2 of
-# the selection 136 on 1, pass 1 95 on 4; dk/dv is held to 3 programs per SM by the shared memory
-# of its 3 stages, so its caps come with 2 stages).
+# "registers" caps the registers per thread (None: uncapped) at the steps where one more program
+# fits on an SM (sm90 compiles of the 1B layout, uncapped: the forward uses 150 registers on 1 warp,
+# dq 137 on 2, pass 2 of the selection 136 on 1, pass 1 95 on 4; dk/dv is held to 3 programs per SM
+# by the shared memory of its 3 stages, so its caps come with 2 stages).
 GRIDS = {
     "fwd": {
         "shape": {"fwd_warps": (1, 2, 4), "fwd_stages": (1, 2, 3), "fwd_keys": (32, 64, 128)},
@@ -40,7 +40,7 @@ GRIDS = {
     },
     "dq": {
         "shape": {"dq_warps": (2, 4, 8), "dq_stages": (1, 2, 3), "dq_keys": (32, 64, 128)},
-        "registers": {"dq_maxnreg": (128, 112)},
+        "registers": {"dq_maxnreg": (None, 128, 112)},
     },
     "dkdv": {
         "shape": {"dkdv_warps": (2, 4, 8), "dkdv_stages": (1, 2, 3), "dkdv_rows": (16, 32, 64, 128)},
@@ -52,7 +52,7 @@ GRIDS = {
     },
     "select_topk": {
         "shape": {"topk_rows": (32, 16, 64), "topk_blocks": (32, 16, 64), "topk_warps": (1, 2, 4)},
-        "registers": {"topk_maxnreg": (128, 120)},
+        "registers": {"topk_maxnreg": (None, 128, 120)},
     },
 }
 GRID_NAMES = ("shape", "registers")
@@ -92,13 +92,13 @@ def launches(kernel: str, grids: list[str], quick: bool) -> list[dict[str, Any]]
     return out[:2] if quick else out
 
 
-def shipped_launches(head_dim: int) -> dict[str, Any]:
-    """Per kernel, the launch parameters it ships with."""
+def shipped_launches(head_dim: int, group_size: int) -> dict[str, Any]:
+    """Per kernel, the launch parameters it ships with for this layout."""
     from kernels.ssa.selected_attention_kernel import default_launch
-    from kernels.ssa.selection_kernel import SelectLaunch
+    from kernels.ssa.selection_kernel import default_select_launch
 
-    attention = default_launch(head_dim)
-    return {kernel: SelectLaunch() if kernel.startswith("select") else attention for kernel in GRIDS}
+    attention, selection = default_launch(head_dim, group_size), default_select_launch(head_dim, group_size)
+    return {kernel: selection if kernel.startswith("select") else attention for kernel in GRIDS}
 
 
 def difference(out: Any, reference: Any) -> dict[str, float]:
@@ -132,14 +132,15 @@ def kernel_calls(args: argparse.Namespace, t: int, device: Any) -> dict[str, Cal
     plan = make_plan(None, 1, t, 0, t, bs, q.device)
     _, _, idx = ssa.sparse_attention(q, k, v, bs, args.block_count, backend="triton")
     idx = idx.contiguous()
-    shipped = sak.default_launch(args.head_dim)
+    group = args.q_heads // args.kv_heads
+    shipped = sak.default_launch(args.head_dim, group)
     o, lse = sak._forward(q, k, v, idx, bs, 0, scale, plan, shipped)
     _, delta = sak._dq(q, k, v, idx, o, lse, do, None, bs, 0, scale, plan, shipped)
     # Built once: the segment table does not depend on the launch (and its small ops would make the
     # dk/dv timing host-bound).
     table = segment_table(idx, plan, args.kv_heads)
     kb = ssa.block_keys(k, bs, backend="triton")
-    lse_sel = sk._selection_lse(q, kb, bs, 0, scale, plan, sk.SelectLaunch())
+    lse_sel = sk._selection_lse(q, kb, bs, 0, scale, plan, sk.default_select_launch(args.head_dim, group))
     return {
         "select_lse": lambda launch: sk._selection_lse(q, kb, bs, 0, scale, plan, launch),
         "select_topk": lambda launch: sk._selection_topk(
@@ -156,7 +157,7 @@ def kernel_calls(args: argparse.Namespace, t: int, device: Any) -> dict[str, Cal
 def sweep_length(args: argparse.Namespace, t: int, device: Any) -> list[dict[str, Any]]:
     from ssa_megatron.benchmarking import cuda_time_ms
 
-    shipped_by_kernel = shipped_launches(args.head_dim)
+    shipped_by_kernel = shipped_launches(args.head_dim, args.q_heads // args.kv_heads)
     rows = []
     for kernel, call in kernel_calls(args, t, device).items():
         if kernel not in args.kernels:
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     rows = [row for t in args.seq_lens for row in sweep_length(args, t, device)]
+    shipped = shipped_launches(args.head_dim, args.q_heads // args.kv_heads)
     best = fastest(rows)
     for row in best:
         print(f"T={row['T']} {row['kernel']}: fastest {row['launch']} {row['ms']:.4f} ms "
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         **environment(),
         "layout": {k: getattr(args, k) for k in LAYOUT_ARGS},
-        "shipped_launch": {k: dataclasses.asdict(v) for k, v in shipped_launches(args.head_dim).items()},
+        "shipped_launch": {k: dataclasses.asdict(v) for k, v in shipped.items()},
         "rows": rows,
         "fastest": best,
     }

@@ -238,7 +238,7 @@ class Launch:
     stages. The key step changes the forward's bf16 rounding; the others give the same bits.
 
     ``*_maxnreg`` caps the registers per thread (None: the compiler's choice). The kernels wait on
-    gathered loads, so more resident warps can pay for a few spilled registers.
+    gathered loads, so more resident warps pay (``default_launch`` sets the caps that were timed).
     """
 
     fwd_warps: int = 1
@@ -255,10 +255,19 @@ class Launch:
     dkdv_maxnreg: int | None = None
 
 
-def default_launch(head_dim: int) -> Launch:
-    # The 128-row, 3-stage dk/dv tile needs 242 KB of shared memory at head_dim 128 and block_size 64,
-    # over Hopper's 227 KB (an H200 refused it), so larger heads keep a 64-row, 2-stage tile.
-    return Launch() if head_dim <= 64 else Launch(dkdv_rows=64, dkdv_stages=2)
+def default_launch(head_dim: int, group_size: int) -> Launch:
+    """The shipped launch for a layout of ``head_dim`` and GQA group size."""
+    if head_dim > 64:
+        # The 128-row, 3-stage dk/dv tile needs 242 KB of shared memory at head_dim 128 and block_size
+        # 64, over Hopper's 227 KB (an H200 refused it), so larger heads keep a 64-row, 2-stage tile.
+        return Launch(dkdv_rows=64, dkdv_stages=2)
+    if head_dim == 64 and _group_rows(group_size) == 16:
+        # dq needs 137 registers here (sm90): a cap of 128 fits 8 programs per SM instead of 7 without
+        # spilling, 1.12x / 1.05x / 1.08x faster at 8k / 32k / 64k on an H200 (1B layout; the forward's
+        # and dk/dv's caps were slower or mixed: sweep_selected_attention_h200_20261128_s8_b.json). Other
+        # layouts need other counts (head_dim 128: 208), where this cap would spill heavily.
+        return Launch(dq_maxnreg=128)
+    return Launch()
 
 
 def _group_rows(g: int) -> int:
@@ -348,7 +357,7 @@ def _backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     do: torch.Tensor, dlse: torch.Tensor | None, block_size: int, q_offset: int, scale: float, plan: Plan,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    launch = default_launch(q.shape[-1])
+    launch = default_launch(q.shape[-1], q.shape[2] // k.shape[2])
     do = do.contiguous()
     dlse = None if dlse is None else dlse.float().contiguous()
     dq, delta = _dq(q, k, v, idx, o, lse, do, dlse, block_size, q_offset, scale, plan, launch)
@@ -370,7 +379,8 @@ class SelectedAttention(torch.autograd.Function):
         scale: float,
         plan: Plan,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        o, lse = _forward(q, k, v, idx, block_size, q_offset, scale, plan, default_launch(q.shape[-1]))
+        launch = default_launch(q.shape[-1], q.shape[2] // k.shape[2])
+        o, lse = _forward(q, k, v, idx, block_size, q_offset, scale, plan, launch)
         ctx.save_for_backward(q, k, v, idx, o, lse)
         ctx.args = (block_size, q_offset, scale, plan)
         return o, lse
