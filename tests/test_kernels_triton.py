@@ -220,17 +220,20 @@ def test_dk_dv_split_into_many_segments(monkeypatch: pytest.MonkeyPatch, segment
 
 
 @pytest.mark.parametrize(
-    ("b", "t", "h", "bs", "bc", "qr", "bounds", "segment"),
-    [(2, 90, 2, 16, 4, None, None, 5), (1, 70, 2, 16, 3, (5, 70), [0, 33, 33, 70], 256)],
+    ("b", "t", "h", "bs", "bc", "qr", "bounds", "segment", "short_keys"),
+    [(2, 90, 2, 16, 4, None, None, 5, True), (1, 70, 2, 16, 3, (5, 70), [0, 33, 33, 70], 256, True),
+     (2, 90, 2, 16, 4, None, None, 5, False)],
 )
 def test_segment_table_lists_each_pair_once_in_query_order(
     monkeypatch: pytest.MonkeyPatch, b: int, t: int, h: int, bs: int, bc: int, qr: tuple[int, int] | None,
-    bounds: list[int] | None, segment: int,
+    bounds: list[int] | None, segment: int, short_keys: bool,
 ) -> None:  # fmt: skip
     from kernels.ssa import segment_table
     from kernels.ssa._plan import make_plan
 
     monkeypatch.setattr(segment_table, "SEG", segment)
+    # int16 pair keys (every small case) or int32 (more keys than int16 holds, forced here).
+    monkeypatch.setattr(segment_table, "SHORT_KEYS_BELOW", 2**15 if short_keys else 0)
     q, k, _ = make(b, t, h, 2, 16, torch.float32, seed=t + segment)
     lo, hi = qr or (0, t)
     kb = ssa.block_keys(k, bs, cu_seqlens=cu(bounds), backend="naive")

@@ -19,7 +19,7 @@ INT_POISON = -123456
 
 def _fill(t: torch.Tensor) -> torch.Tensor:
     if _POISON:
-        t.fill_(float("nan") if t.is_floating_point() else INT_POISON)
+        t.fill_(float("nan") if t.is_floating_point() else max(INT_POISON, torch.iinfo(t.dtype).min))
     return t
 
 

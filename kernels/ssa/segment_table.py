@@ -24,6 +24,9 @@ from kernels.ssa import _alloc
 from kernels.ssa._plan import Plan
 
 SEG = 256  # queries per dk/dv program
+# Pair keys are int16 below this many keys (the sentinel n_keys included): the radix sort then makes
+# 2 passes over 16-bit keys instead of 4 over 32-bit ones.
+SHORT_KEYS_BELOW = 2**15
 _BLOCK = 1024  # elements per program of the table kernels
 
 
@@ -53,7 +56,7 @@ def _pair_keys_kernel(IDX, Q_BASE, KEYS, P, TQ, H, BC, NB, N_KEYS, BLOCK: tl.con
     base = tl.load(Q_BASE + token_row % TQ, mask=ok, other=0)
     key = ((token_row // TQ) * H + h) * NB + base + blk
     # Unused slots (-1) take the key N_KEYS and sort after every real pair.
-    tl.store(KEYS + i, tl.where(blk >= 0, key, N_KEYS).to(tl.int32), mask=ok)
+    tl.store(KEYS + i, tl.where(blk >= 0, key, N_KEYS).to(KEYS.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -74,8 +77,11 @@ def _lower_bound(SORTED, target, P, STEPS):
 def _key_counts_kernel(KEYS_SORTED, START, COUNT, NSEG, N_KEYS, P, STEPS, SEG_Q, BLOCK: tl.constexpr):
     k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = k < N_KEYS
-    start = _lower_bound(KEYS_SORTED, k, P, STEPS)
-    count = _lower_bound(KEYS_SORTED, k + 1, P, STEPS) - start
+    # The bounds of k and k + 1 in one search: its steps are dependent loads, so two searches in turn
+    # would take twice as long.
+    bounds = _lower_bound(KEYS_SORTED, k[:, None] + tl.arange(0, 2)[None, :], P, STEPS)
+    start = tl.min(bounds, 1)
+    count = tl.max(bounds, 1) - start
     tl.store(START + k, start, mask=ok)
     tl.store(COUNT + k, count, mask=ok)
     tl.store(NSEG + k, (count + SEG_Q - 1) // SEG_Q, mask=ok)
@@ -107,7 +113,7 @@ def segment_table(idx: torch.Tensor, plan: Plan, kv_heads: int) -> SegmentTable:
     dev = idx.device
     pairs = idx.numel()
     n_keys = b * h * plan.n_blocks
-    keys = _alloc.empty(pairs, device=dev, dtype=torch.int32)
+    keys = _alloc.empty(pairs, device=dev, dtype=torch.int16 if n_keys < SHORT_KEYS_BELOW else torch.int32)
     _pair_keys_kernel[(triton.cdiv(pairs, _BLOCK),)](
         idx, plan.q_base, keys, pairs, tq, h, bc, plan.n_blocks, n_keys, BLOCK=_BLOCK
     )
