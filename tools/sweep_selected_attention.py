@@ -6,11 +6,11 @@ For one layout (default: the 1B model's 32 query heads, 2 KV heads, head_dim 64,
 block_count 16, bf16, batch 1) and each length, every launch of a grid is timed per kernel (median of
 CUDA-event timings after warm-up) next to the shipped one (`default_launch` in
 kernels/ssa/selected_attention_kernel.py, `default_select_launch` in kernels/ssa/selection_kernel.py),
-and its output is compared with the shipped launch's: relative error by the norm (floats), or the fraction of
-rows that differ (selected indices; fp32 summation order may flip near-ties). A launch the GPU refuses
-(e.g. too much shared memory) is a row with its error. Prints the fastest launch per kernel and length
-and writes JSON to benchmarks/results/. The shipped launches came from such runs on an H200; rerun it on
-another GPU to check them.
+and its output is compared with the shipped launch's: relative error by the norm (floats), or the
+fraction of rows that differ (selected indices; fp32 summation order may flip near-ties). A launch
+the GPU refuses (e.g. too much shared memory) is a row with its error. Prints the fastest launch per
+kernel and length and writes JSON to benchmarks/results/. The shipped launches came from such runs
+on an H200; rerun it on another GPU to check them.
 """
 
 from __future__ import annotations
@@ -132,15 +132,14 @@ def kernel_calls(args: argparse.Namespace, t: int, device: Any) -> dict[str, Cal
     plan = make_plan(None, 1, t, 0, t, bs, q.device)
     _, _, idx = ssa.sparse_attention(q, k, v, bs, args.block_count, backend="triton")
     idx = idx.contiguous()
-    group = args.q_heads // args.kv_heads
-    shipped = sak.default_launch(args.head_dim, group)
-    o, lse = sak._forward(q, k, v, idx, bs, 0, scale, plan, shipped)
-    _, delta = sak._dq(q, k, v, idx, o, lse, do, None, bs, 0, scale, plan, shipped)
+    shipped = shipped_launches(args.head_dim, args.q_heads // args.kv_heads)
+    o, lse = sak._forward(q, k, v, idx, bs, 0, scale, plan, shipped["fwd"])
+    _, delta = sak._dq(q, k, v, idx, o, lse, do, None, bs, 0, scale, plan, shipped["dq"])
     # Built once: the segment table does not depend on the launch (and its small ops would make the
     # dk/dv timing host-bound).
     table = segment_table(idx, plan, args.kv_heads)
     kb = ssa.block_keys(k, bs, backend="triton")
-    lse_sel = sk._selection_lse(q, kb, bs, 0, scale, plan, sk.default_select_launch(args.head_dim, group))
+    lse_sel = sk._selection_lse(q, kb, bs, 0, scale, plan, shipped["select_lse"])
     return {
         "select_lse": lambda launch: sk._selection_lse(q, kb, bs, 0, scale, plan, launch),
         "select_topk": lambda launch: sk._selection_topk(

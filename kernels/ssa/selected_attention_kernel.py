@@ -356,8 +356,8 @@ def _dkdv(
 def _backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     do: torch.Tensor, dlse: torch.Tensor | None, block_size: int, q_offset: int, scale: float, plan: Plan,
+    launch: Launch,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    launch = default_launch(q.shape[-1], q.shape[2] // k.shape[2])
     do = do.contiguous()
     dlse = None if dlse is None else dlse.float().contiguous()
     dq, delta = _dq(q, k, v, idx, o, lse, do, dlse, block_size, q_offset, scale, plan, launch)
@@ -382,7 +382,7 @@ class SelectedAttention(torch.autograd.Function):
         launch = default_launch(q.shape[-1], q.shape[2] // k.shape[2])
         o, lse = _forward(q, k, v, idx, block_size, q_offset, scale, plan, launch)
         ctx.save_for_backward(q, k, v, idx, o, lse)
-        ctx.args = (block_size, q_offset, scale, plan)
+        ctx.args = (block_size, q_offset, scale, plan, launch)
         return o, lse
 
     @staticmethod
@@ -390,8 +390,7 @@ class SelectedAttention(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor, dlse: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
         q, k, v, idx, o, lse = ctx.saved_tensors
-        block_size, q_offset, scale, plan = ctx.args
-        dq, dk, dv = _backward(q, k, v, idx, o, lse, do, dlse, block_size, q_offset, scale, plan)
+        dq, dk, dv = _backward(q, k, v, idx, o, lse, do, dlse, *ctx.args)
         return dq, dk, dv, None, None, None, None, None
 
 
