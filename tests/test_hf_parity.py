@@ -22,7 +22,7 @@ def _megatron_logits(rank: int, world: int, ids: torch.Tensor) -> dict:
 
 def _one_model(tied: bool, ids: torch.Tensor) -> dict:
     from ssa_megatron.hf.megatron_bridge import build_megatron_model
-    from ssa_megatron.parallel import (
+    from ssa_megatron.parallel.state import (
         destroy_parallel,
         gather_full_tensors,
         initialize_parallel,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssa_megatron.alignment import (
+from ssa_megatron.model.alignment import (
     AlignmentLossAutoScaler,
     SSAMetricsTracker,
     alignment_loss_scale,

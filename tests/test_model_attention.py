@@ -9,15 +9,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ssa_megatron import mode as ssa_mode
-from ssa_megatron.config import SSATransformerConfig, check_sequence_length
+from ssa_megatron.model import mode as ssa_mode
+from ssa_megatron.model.config import SSATransformerConfig, check_sequence_length
 from tests.distributed import free_port
 from tests.test_model_equivalence import VOCAB, tiny_config
 
 
 @pytest.fixture(scope="module")
 def single_rank():
-    from ssa_megatron.parallel import destroy_parallel, initialize_parallel
+    from ssa_megatron.parallel.state import destroy_parallel, initialize_parallel
 
     # Restored afterwards: later tests start subprocesses that must not inherit a rank and a port
     # that this process group holds.
@@ -135,7 +135,7 @@ def _reference_attention(
 
 
 def _attention_layer(**overrides: object) -> torch.nn.Module:
-    from ssa_megatron.model import build_model
+    from ssa_megatron.model.gpt import build_model
 
     model = build_model(tiny_config("ssa", False, **overrides), VOCAB, 64)
     return model.decoder.layers[0].self_attention.eval()
@@ -183,8 +183,8 @@ def test_block_count_override_changes_sparse_output(single_rank: None) -> None:
 
 @pytest.mark.parametrize("inference_mode", ["full", "sparse"])
 def test_document_causal_equals_documents_run_alone(single_rank: None, inference_mode: str) -> None:
-    from ssa_megatron.model import build_model
-    from ssa_megatron.parallel import seed_parallel_rng
+    from ssa_megatron.model.gpt import build_model
+    from ssa_megatron.parallel.state import seed_parallel_rng
 
     seed_parallel_rng(1)
     config = tiny_config("ssa", True, inference_mode=inference_mode)
@@ -206,7 +206,7 @@ def test_document_causal_equals_documents_run_alone(single_rank: None, inference
 
 
 def test_training_forward_needs_published_iteration(single_rank: None) -> None:
-    from ssa_megatron.model import build_model
+    from ssa_megatron.model.gpt import build_model
 
     model = build_model(tiny_config("ssa", False), VOCAB, 64).train()
     tokens = torch.randint(0, VOCAB, (1, 64))
@@ -224,13 +224,13 @@ def test_training_forward_needs_published_iteration(single_rank: None) -> None:
 def test_layer_spec_local_backend_and_state_dict_names(single_rank: None) -> None:
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from ssa_megatron.layer_spec import te_available
+    from ssa_megatron.model.layer_spec import te_available
 
     layer = _attention_layer()
     assert isinstance(layer.linear_qkv, ColumnParallelLinear)
     assert isinstance(layer.linear_gate, ColumnParallelLinear)
     assert isinstance(layer.linear_proj, RowParallelLinear)
-    from ssa_megatron.model import build_model
+    from ssa_megatron.model.gpt import build_model
 
     names = {n for n, _ in build_model(tiny_config("ssa", False), VOCAB, 64).named_parameters()}
     suffixes = (
@@ -245,7 +245,7 @@ def test_layer_spec_local_backend_and_state_dict_names(single_rank: None) -> Non
 
 
 def test_te_backend_refused_without_transformer_engine() -> None:
-    from ssa_megatron.layer_spec import get_ssa_layer_spec, te_available
+    from ssa_megatron.model.layer_spec import get_ssa_layer_spec, te_available
 
     if te_available():
         pytest.skip("Transformer Engine is installed")
@@ -257,7 +257,7 @@ def test_rope_matches_megatron_rotary(single_rank: None) -> None:
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from ssa_megatron.attention import apply_rope, rope_angles
+    from ssa_megatron.model.attention import apply_rope, rope_angles
 
     config = tiny_config("ssa", False)
     x = torch.randn(64, 2, 4, 16)
@@ -270,7 +270,7 @@ def test_rope_matches_megatron_rotary(single_rank: None) -> None:
 def test_rejects_non_ssa_config() -> None:
     from megatron.core.transformer import TransformerConfig
 
-    from ssa_megatron.layer_spec import get_ssa_layer_spec
+    from ssa_megatron.model.layer_spec import get_ssa_layer_spec
 
     with pytest.raises(TypeError, match="SSATransformerConfig"):
         get_ssa_layer_spec(TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2))

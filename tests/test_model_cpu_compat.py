@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssa_megatron import cpu_compat
+from ssa_megatron.parallel import cpu_compat
 from tests.distributed import run_distributed
 
 _PROXIED = cpu_compat._PROXIED_MODULES
@@ -134,7 +134,7 @@ def _run_schedule(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
 def _schedules_body(rank: int, world_size: int) -> None:
     from megatron.core import parallel_state
 
-    from ssa_megatron.parallel import (
+    from ssa_megatron.parallel.state import (
         destroy_parallel,
         gather_full_tensors,
         initialize_parallel,

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ssa_megatron import mode as ssa_mode
-from ssa_megatron.config import SSATransformerConfig
+from ssa_megatron.model import mode as ssa_mode
+from ssa_megatron.model.config import SSATransformerConfig
 from tests.distributed import run_distributed
 
 SEQ, BATCH, VOCAB, MICROBATCHES, SEED = 64, 2, 96, 2, 5
@@ -68,11 +68,11 @@ def run_step(config: SSATransformerConfig, batches: list[dict[str, torch.Tensor]
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from ssa_megatron.alignment import alignment_loss_scale, set_alignment_loss_scale, tracker
-    from ssa_megatron.context_parallel import gather_sequence, split_for_rank
-    from ssa_megatron.cpu_compat import compute_device
-    from ssa_megatron.model import build_model_chunks
-    from ssa_megatron.parallel import gather_full_tensors, load_full_state_dict
+    from ssa_megatron.model.alignment import alignment_loss_scale, set_alignment_loss_scale, tracker
+    from ssa_megatron.model.gpt import build_model_chunks
+    from ssa_megatron.parallel.context import gather_sequence, split_for_rank
+    from ssa_megatron.parallel.cpu_compat import compute_device
+    from ssa_megatron.parallel.state import gather_full_tensors, load_full_state_dict
 
     cp = parallel_state.get_context_parallel_world_size()
     cp_rank = parallel_state.get_context_parallel_rank()
@@ -163,7 +163,7 @@ def _equivalence_body(rank: int, world_size: int, tp: int, pp: int, cp: int, ker
                       tol: dict = CPU_TOL, target_overrides: dict | None = None, num_layers: int = 2,
                       cases: tuple = CASES) -> None:
     """``target_overrides`` change only the parallel run (features that must not change the numbers)."""
-    from ssa_megatron.parallel import destroy_parallel, initialize_parallel
+    from ssa_megatron.parallel.state import destroy_parallel, initialize_parallel
 
     batches = make_batches()
     target_overrides = dict(target_overrides or {}, num_layers=num_layers)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kernels import ssa
-from ssa_megatron import mode as ssa_mode
+from ssa_megatron.model import mode as ssa_mode
 from tests.test_model_equivalence import tiny_config
 
 
@@ -50,8 +50,8 @@ def test_gpu_sparse_branch_forward_backward_without_host_syncs() -> None:
 @pytest.mark.parametrize("document_causal", [False, True], ids=["one-document", "documents"])
 def test_gpu_ssa_core_attention_training_step_without_host_syncs(document_causal: bool) -> None:
     # Both branches, the alignment loss and its backward hook, the sparsity statistic.
-    from ssa_megatron.alignment import set_alignment_loss_scale, tracker
-    from ssa_megatron.attention import SSACoreAttention, build_forward_params
+    from ssa_megatron.model.alignment import set_alignment_loss_scale, tracker
+    from ssa_megatron.model.attention import SSACoreAttention, build_forward_params
 
     t = 1024
     config = tiny_config("ssa", document_causal, kernel_backend="auto", num_attention_heads=8,

@@ -16,7 +16,7 @@ from tests.distributed import run_distributed
 
 
 def _both_backends(rank: int, world_size: int) -> dict:
-    from ssa_megatron.parallel import destroy_parallel, initialize_parallel
+    from ssa_megatron.parallel.state import destroy_parallel, initialize_parallel
     from tests.test_model_equivalence import SEED, make_batches, run_step, tiny_config
 
     batches = make_batches()

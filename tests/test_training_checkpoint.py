@@ -69,7 +69,7 @@ def _params(engine) -> dict[str, torch.Tensor]:
 
 
 def _roundtrip(rank: int, world: int, root: str) -> dict:
-    from ssa_megatron.parallel import destroy_parallel
+    from ssa_megatron.parallel.state import destroy_parallel
     from ssa_megatron.training import checkpoint as ckpt
     from ssa_megatron.training.loop import train_step
     from ssa_megatron.training.runner import build_engine
@@ -119,7 +119,7 @@ def _roundtrip(rank: int, world: int, root: str) -> dict:
 
 def _load_errors(rank: int, world: int, cases: list[tuple[str, str]]) -> list[str]:
     """Try to resume from each (checkpoint.load, checkpoint.dir); return each CheckpointError message."""
-    from ssa_megatron.parallel import destroy_parallel
+    from ssa_megatron.parallel.state import destroy_parallel
     from ssa_megatron.training import checkpoint as ckpt
     from ssa_megatron.training.runner import build_engine
 

@@ -102,7 +102,7 @@ def run_config(rank: int, world: int, overrides: list[str]) -> dict:
 
     import torch
 
-    from ssa_megatron.parallel import destroy_parallel
+    from ssa_megatron.parallel.state import destroy_parallel
     from ssa_megatron.training import load_config, parse_override_args, run
 
     torch.set_num_threads(1)

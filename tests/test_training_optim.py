@@ -75,7 +75,7 @@ def _load_fresh(root: str, device: str = "cpu"):
 
 
 def _resume(rank: int, world: int, root: str, device: str = "cpu", port: int = 0) -> dict:
-    from ssa_megatron.parallel import destroy_parallel
+    from ssa_megatron.parallel.state import destroy_parallel
     from ssa_megatron.training.runner import build_engine
 
     if device == "cuda":
@@ -114,7 +114,7 @@ def _resume(rank: int, world: int, root: str, device: str = "cpu", port: int = 0
 
 def _from_unfused_checkpoint(rank: int, world: int, root: str) -> dict:
     """A checkpoint written by megatron's default torch AdamW (fused and foreach left unset)."""
-    from ssa_megatron.parallel import destroy_parallel
+    from ssa_megatron.parallel.state import destroy_parallel
     from ssa_megatron.training.optim import torch_adam_optimizers
     from ssa_megatron.training.runner import build_engine
 

@@ -60,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def build_prefill_model(args: argparse.Namespace, overrides: list, device: Any) -> Any:
     import torch
 
-    from ssa_megatron.model import build_model
-    from ssa_megatron.parallel import initialize_parallel
+    from ssa_megatron.model.gpt import build_model
+    from ssa_megatron.parallel.state import initialize_parallel
     from ssa_megatron.training.config import load_config
     from ssa_megatron.training.runner import model_config
 

@@ -189,7 +189,7 @@ def release_model() -> None:
     """Free the model and the parallel state."""
     import torch
 
-    from ssa_megatron.parallel import destroy_parallel
+    from ssa_megatron.parallel.state import destroy_parallel
 
     destroy_parallel()
     gc.collect()

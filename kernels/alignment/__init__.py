@@ -1,4 +1,4 @@
-"""The SSA alignment term between the two attention branches (see ssa_megatron/alignment.py).
+"""The SSA alignment term between the two attention branches (see ssa_megatron/model/alignment.py).
 
 One entry point, ``two_way_alignment_sum``: ``f(full, sg(sparse)) + f(sg(full), sparse)`` summed over
 every element, fp32, with f = SmoothL1 (beta 1) or squared error. ``backend="auto"`` runs the fused

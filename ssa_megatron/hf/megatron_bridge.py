@@ -63,7 +63,7 @@ def megatron_config(
 ) -> Any:
     """``SSATransformerConfig`` of the Megatron model equal to ``config`` (Llama-style blocks, no dropout),
     for conversion and parity checks (CPU initialisation, eval-time mode/budget from ``config``)."""
-    from ssa_megatron.config import llama_block_config
+    from ssa_megatron.model.config import llama_block_config
 
     return llama_block_config(
         num_layers=config.num_hidden_layers,
@@ -90,7 +90,7 @@ def megatron_config(
 
 def build_megatron_model(config: SSAConfig, **kwargs: Any) -> Any:
     """This rank's Megatron SSA GPTModel for ``config`` (parallel state must be initialised)."""
-    from ssa_megatron.model import build_model
+    from ssa_megatron.model.gpt import build_model
 
     if config.rope_scaling is not None:
         raise ValueError(
@@ -251,7 +251,7 @@ def _save_worker(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
-    from ssa_megatron.parallel import destroy_parallel, initialize_parallel, load_full_state_dict
+    from ssa_megatron.parallel.state import destroy_parallel, initialize_parallel, load_full_state_dict
     from ssa_megatron.training.checkpoint import save_checkpoint
     from ssa_megatron.training.cpu_training import enable_cpu_training
 

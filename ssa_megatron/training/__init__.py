@@ -44,7 +44,7 @@ def main_run(cfg: TrainConfig, local_rank: int | None = None) -> int:
         return 1
     finally:
         if dist.is_initialized():
-            from ssa_megatron.parallel import destroy_parallel
+            from ssa_megatron.parallel.state import destroy_parallel
 
             destroy_parallel()
             dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """CPU support for the training side of megatron-core (DDP grad buffers, optimizer, clipping, checkpoints).
 
-`ssa_megatron.cpu_compat` redirects the CUDA-only paths that the *model* and the pipeline
+`ssa_megatron.parallel.cpu_compat` redirects the CUDA-only paths that the *model* and the pipeline
 schedules reach. Training also goes through megatron's DistributedDataParallel (grad
 buffers allocated on `torch.cuda.current_device()`) and its optimizers (`found_inf`,
 `_scale`, grad-norm buffers created with `device='cuda'`); this module puts those megatron
@@ -17,7 +17,7 @@ import importlib
 
 import torch
 
-from ssa_megatron import cpu_compat
+from ssa_megatron.parallel import cpu_compat
 
 _TRAINING_MODULES = (
     "megatron.core.distributed.param_and_grad_buffer",

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from megatron.core import parallel_state
 
-from ssa_megatron.alignment import alignment_loss_scale, set_alignment_loss_scale
-from ssa_megatron.mode import set_microbatch
+from ssa_megatron.model.alignment import alignment_loss_scale, set_alignment_loss_scale
+from ssa_megatron.model.mode import set_microbatch
 from ssa_megatron.training.config import ConfigError, TrainConfig
 
 _OWNED_KEYS = ("optimizer", "scheduler")

@@ -21,10 +21,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from ssa_megatron.alignment import alignment_loss_scale, set_alignment_loss_scale, tracker
-from ssa_megatron.context_parallel import split_for_rank
-from ssa_megatron.mode import draw_mode, set_microbatch
-from ssa_megatron.parallel import collective_device
+from ssa_megatron.model.alignment import alignment_loss_scale, set_alignment_loss_scale, tracker
+from ssa_megatron.model.mode import draw_mode, set_microbatch
+from ssa_megatron.parallel.context import split_for_rank
+from ssa_megatron.parallel.state import collective_device
 from ssa_megatron.training.config import TrainConfig
 from ssa_megatron.training.gc_schedule import ScheduledGC
 from ssa_megatron.training.metrics import MetricsLogger, memory_gib

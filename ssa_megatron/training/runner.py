@@ -79,7 +79,7 @@ def prepare_data(cfg: TrainConfig, env: LaunchEnv) -> Any:
 
 
 def model_config(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Any:
-    from ssa_megatron.config import llama_block_config
+    from ssa_megatron.model.config import llama_block_config
 
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
@@ -122,7 +122,7 @@ def model_config(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Any
 
 
 def _build_model(cfg: TrainConfig, config: Any, vocab_size: int) -> list[torch.nn.Module]:
-    from ssa_megatron.model import build_model_chunks
+    from ssa_megatron.model.gpt import build_model_chunks
 
     return build_model_chunks(
         config,
@@ -139,7 +139,7 @@ def build_engine(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Any
     """
     from megatron.core import parallel_state
 
-    from ssa_megatron.parallel import initialize_parallel
+    from ssa_megatron.parallel.state import initialize_parallel
 
     enable_cpu_training()
     p = cfg.parallel

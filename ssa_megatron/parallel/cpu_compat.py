@@ -205,7 +205,8 @@ def enable_cpu_compat() -> bool:
     version = getattr(megatron.core, "__version__", "unknown")
     if version != SUPPORTED_MEGATRON_VERSION:
         raise RuntimeError(
-            f"ssa_megatron.cpu_compat is written for megatron-core=={SUPPORTED_MEGATRON_VERSION}, found "
+            f"ssa_megatron.parallel.cpu_compat is written for megatron-core=={SUPPORTED_MEGATRON_VERSION}, "
+            f"found "
             f"{version}; re-check its CUDA-only paths (see the module docstring) and update the entries, "
             "or install the pinned version (constraints/cpu.txt)."
         )

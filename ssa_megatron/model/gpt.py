@@ -11,9 +11,9 @@ from __future__ import annotations
 from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
-from ssa_megatron.attention import SSAForwardParams, build_forward_params
-from ssa_megatron.config import SSATransformerConfig, check_sequence_length
-from ssa_megatron.layer_spec import get_ssa_layer_spec
+from ssa_megatron.model.attention import SSAForwardParams, build_forward_params
+from ssa_megatron.model.config import SSATransformerConfig, check_sequence_length
+from ssa_megatron.model.layer_spec import get_ssa_layer_spec
 
 
 class SSAGPTModel(GPTModel):

@@ -25,10 +25,10 @@ from megatron.core.transformer.spec_utils import build_module
 from torch import Tensor
 
 import kernels.ssa as ssa_ops
-from ssa_megatron import mode as ssa_mode
-from ssa_megatron.alignment import attach_alignment_loss, global_alignment_loss, tracker
-from ssa_megatron.config import SSATransformerConfig
-from ssa_megatron.context_parallel import gather_sequence, local_query_chunks, split_for_rank
+from ssa_megatron.model import mode as ssa_mode
+from ssa_megatron.model.alignment import attach_alignment_loss, global_alignment_loss, tracker
+from ssa_megatron.model.config import SSATransformerConfig
+from ssa_megatron.parallel.context import gather_sequence, local_query_chunks, split_for_rank
 
 
 @dataclass

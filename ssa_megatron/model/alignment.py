@@ -165,7 +165,7 @@ class SSAMetricsTracker:
         (NaN for a layer with no samples) and clears the accumulators."""
         from megatron.core import parallel_state
 
-        from ssa_megatron.parallel import collective_device
+        from ssa_megatron.parallel.state import collective_device
 
         # Where the collectives need it (NCCL reduces only CUDA tensors), even when nothing was recorded.
         sums = self._ensure(num_layers, device or collective_device())

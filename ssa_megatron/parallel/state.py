@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ssa_megatron.cpu_compat import enable_cpu_compat
+from ssa_megatron.parallel.cpu_compat import enable_cpu_compat
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:

@@ -17,8 +17,8 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from ssa_megatron.attention import SSACoreAttention, SSASelfAttention, SSASelfAttentionSubmodules
-from ssa_megatron.config import SSATransformerConfig
+from ssa_megatron.model.attention import SSACoreAttention, SSASelfAttention, SSASelfAttentionSubmodules
+from ssa_megatron.model.config import SSATransformerConfig
 
 
 def te_available() -> bool:

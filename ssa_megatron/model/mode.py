@@ -77,7 +77,8 @@ def current(schedule_microbatch: int | None = None) -> tuple[int, int]:
     """
     if _state.iteration is None:
         raise RuntimeError(
-            "no iteration published for the SSA mode draw: call ssa_megatron.mode.set_microbatch(iteration) "
+            "no iteration published for the SSA mode draw: call "
+            "ssa_megatron.model.mode.set_microbatch(iteration) "
             "before each training step (and pass the micro-batch index when not using megatron's schedules)"
         )
     microbatch = _state.microbatch
@@ -86,6 +87,6 @@ def current(schedule_microbatch: int | None = None) -> tuple[int, int]:
     if microbatch is None or microbatch < 0:
         raise RuntimeError(
             "micro-batch index unknown for the SSA mode draw: megatron's schedules set it; when calling the "
-            "model directly use ssa_megatron.mode.set_microbatch(iteration, microbatch)"
+            "model directly use ssa_megatron.model.mode.set_microbatch(iteration, microbatch)"
         )
     return _state.iteration, microbatch
