@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ssa_megatron.hf.export import save_hf_directory
+from ssa_megatron.convert.export import save_hf_directory
+from ssa_megatron.convert.presets import tiny_config
 from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
-from ssa_megatron.hf.presets import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssa_megatron.convert.presets import tiny_config
 from ssa_megatron.evaluation.runner import EvalOptions, run_evaluation
 from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
-from ssa_megatron.hf.presets import tiny_config
 
 
 def _char_encode(text: str) -> list[int]:

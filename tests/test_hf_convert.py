@@ -9,8 +9,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ssa_megatron.hf.llama_import import LlamaImportError, llama_rope, llama_state_from_ssa, ssa_from_llama
-from ssa_megatron.hf.megatron_bridge import CheckpointFormatError, export_checkpoint_to_hf
+from ssa_megatron.convert.llama_import import (
+    LlamaImportError,
+    llama_rope,
+    llama_state_from_ssa,
+    ssa_from_llama,
+)
+from ssa_megatron.convert.megatron_bridge import CheckpointFormatError, export_checkpoint_to_hf
 from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]

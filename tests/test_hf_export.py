@@ -11,9 +11,9 @@ import pytest
 import torch
 import transformers
 
-from ssa_megatron.hf.export import HF_CODE_FILES, copy_tokenizer, save_hf_directory
+from ssa_megatron.convert.export import HF_CODE_FILES, copy_tokenizer, save_hf_directory
+from ssa_megatron.convert.presets import tiny_config
 from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
-from ssa_megatron.hf.presets import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,7 +165,7 @@ def test_exported_model_runs_the_shipped_triton_kernels_on_cuda(tmp_path: Path) 
 
 
 def test_kernel_shipping_detects_unrewritten_project_imports() -> None:
-    from ssa_megatron.hf.export import _absolute_project_import
+    from ssa_megatron.convert.export import _absolute_project_import
 
     assert _absolute_project_import("from . import naive\nmsg = 'use kernels.ssa.dense_attention'\n") is None
     assert (

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from kernels.ssa import naive
+from ssa_megatron.convert.presets import tiny_config
 from ssa_megatron.hf import ssa_attention
 from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
-from ssa_megatron.hf.presets import tiny_config
 
 
 @pytest.fixture(scope="module")

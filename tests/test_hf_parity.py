@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from ssa_megatron.convert.presets import tiny_config
+from ssa_megatron.convert.weight_mapping import hf_to_megatron_state, megatron_to_hf_state
 from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
-from ssa_megatron.hf.presets import tiny_config
-from ssa_megatron.hf.weight_mapping import hf_to_megatron_state, megatron_to_hf_state
 from tests.distributed import run_distributed
 
 SEQ = 48
@@ -21,7 +21,7 @@ def _megatron_logits(rank: int, world: int, ids: torch.Tensor) -> dict:
 
 
 def _one_model(tied: bool, ids: torch.Tensor) -> dict:
-    from ssa_megatron.hf.megatron_bridge import build_megatron_model
+    from ssa_megatron.convert.megatron_bridge import build_megatron_model
     from ssa_megatron.parallel.state import (
         destroy_parallel,
         gather_full_tensors,

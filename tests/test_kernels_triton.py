@@ -276,8 +276,8 @@ def test_register_caps_only_for_the_layout_they_were_timed_on() -> None:
 
 
 def test_gather_bound_sums_exactly_the_rows_the_forward_reads() -> None:
+    from kernels.probes.gather_bound import gathered_sums
     from kernels.ssa._plan import make_plan
-    from kernels.ssa.gather_bound import gathered_sums
     from kernels.ssa.selected_attention_kernel import default_launch
 
     b, t, h, bs, bc, lo = 2, 70, 2, 16, 3, 5

@@ -3,7 +3,7 @@
 For the 1B layout (32 query heads, 2 KV heads, head_dim 64, block_size 16, block_count 16,
 batch 1) and each sequence length, one run times: SDPA dense causal fwd and fwd+bwd, our dense
 path (kernels.ssa.dense_attention) fwd+bwd, block keys, selection, selected attention fwd and fwd+bwd,
-the forward's loads alone (kernels/ssa/gather_bound.py: the floor the K/V gather sets), the
+the forward's loads alone (kernels/probes/gather_bound.py: the floor the K/V gather sets), the
 whole sparse branch fwd+bwd, and flash-linear-attention's fla.ops.nsa where it is importable
 and accepts the configuration. Each number is the median of repeated CUDA-event timings after
 warm-up. Prints a table (MISS where a target is missed) and writes JSON to benchmarks/results/.
@@ -51,8 +51,8 @@ def bench_one(args: argparse.Namespace, t: int, fla_nsa: Callable | None) -> dic
     import torch.nn.functional as F
 
     from kernels import ssa
+    from kernels.probes.gather_bound import gathered_sums
     from kernels.ssa._plan import make_plan
-    from kernels.ssa.gather_bound import gathered_sums
     from kernels.ssa.selected_attention_kernel import default_launch
     from ssa_megatron.benchmarking import cuda_time_ms, kernel_profile
 

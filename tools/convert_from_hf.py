@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from pathlib import Path
 
-    from ssa_megatron.hf.export import save_hf_directory
-    from ssa_megatron.hf.llama_import import ssa_from_llama
-    from ssa_megatron.hf.megatron_bridge import write_megatron_checkpoint
+    from ssa_megatron.convert.export import save_hf_directory
+    from ssa_megatron.convert.llama_import import ssa_from_llama
+    from ssa_megatron.convert.megatron_bridge import write_megatron_checkpoint
 
     model = ssa_from_llama(
         args.hf,

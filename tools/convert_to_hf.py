@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ssa_megatron.hf.megatron_bridge import export_checkpoint_to_hf
+    from ssa_megatron.convert.megatron_bridge import export_checkpoint_to_hf
 
     overrides = {"block_count": args.block_count} if args.block_count else {}
     out = export_checkpoint_to_hf(

@@ -84,7 +84,7 @@ def load_model(
     if is_hf_directory(p):
         return _with_kernels(load_hf_model(p, device=device, dtype=dtype, **config_overrides)), p
     if is_megatron_checkpoint(p):
-        from ssa_megatron.hf.megatron_bridge import load_megatron_as_hf
+        from ssa_megatron.convert.megatron_bridge import load_megatron_as_hf
 
         model = load_megatron_as_hf(p, **config_overrides)
         return _with_kernels(model.to(device=device, dtype=dtype).eval()), p

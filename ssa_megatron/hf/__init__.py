@@ -1,1 +1,5 @@
-"""Standalone Hugging Face SSA model (copied into exported directories) and the export helpers."""
+"""The standalone Hugging Face SSA model: exactly the files copied into exported directories.
+
+They import only torch and transformers. Converters (export, Megatron bridge, Llama import) live in
+``ssa_megatron.convert``.
+"""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .configuration_ssa import SSAConfig
+from ssa_megatron.hf.configuration_ssa import SSAConfig
 
 
 def tiny_config(**overrides: Any) -> SSAConfig:

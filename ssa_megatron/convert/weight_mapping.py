@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .configuration_ssa import SSAConfig
+from ssa_megatron.hf.configuration_ssa import SSAConfig
 
 _LAYER = "decoder.layers.{i}."
 _HF_LAYER = "model.layers.{i}."

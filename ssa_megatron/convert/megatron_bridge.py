@@ -1,7 +1,7 @@
 """Megatron side of the HF conversion: read training checkpoints, build/convert Megatron SSA models.
 
-Not shipped in exported directories (it imports megatron lazily, inside functions, so importing
-``ssa_megatron.hf`` stays megatron-free). The name/layout mapping itself is ``weight_mapping``.
+Not shipped in exported directories; it imports megatron lazily, inside functions, so importing
+``ssa_megatron.convert`` stays megatron-free. The name/layout mapping itself is ``weight_mapping``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Any
 import torch
 import yaml
 
-from .configuration_ssa import SSAConfig
-from .modeling_ssa import SSAForCausalLM
+from ssa_megatron.hf.configuration_ssa import SSAConfig
+from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
+
 from .weight_mapping import (
     MappingError,
     hf_to_megatron_state,

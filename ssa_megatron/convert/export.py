@@ -7,7 +7,7 @@ optionally the tokenizer files, and optionally ``ssa_kernels/``: a copy of this 
 ``kernels.ssa`` package whose absolute ``kernels.ssa`` imports are rewritten to relative ones so
 the copy imports as a private package of the model directory (see ``modeling_ssa.load_shipped_kernels``).
 
-This module is not shipped; it is the project side of the export.
+This module is not shipped (it lives outside ``ssa_megatron.hf``); it is the project side of the export.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import re
 import shutil
 from pathlib import Path
 
-from .configuration_ssa import SSAConfig
-from .modeling_ssa import SHIPPED_KERNELS_DIR, SSAForCausalLM
+from ssa_megatron.hf.configuration_ssa import SSAConfig
+from ssa_megatron.hf.modeling_ssa import SHIPPED_KERNELS_DIR, SSAForCausalLM
 
 HF_CODE_FILES = ("configuration_ssa.py", "modeling_ssa.py", "ssa_attention.py")
 AUTO_MAP = {
@@ -34,7 +34,7 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
 )
-_HF_DIR = Path(__file__).resolve().parent
+_HF_DIR = Path(__file__).resolve().parents[1] / "hf"
 
 # `from kernels.ssa import x` -> `from . import x`; `from kernels.ssa.m import x` -> `from .m import x`.
 _FROM_PACKAGE = re.compile(r"^(\s*)from kernels\.ssa import ", re.MULTILINE)

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from .configuration_ssa import SSAConfig
-from .modeling_ssa import SSAForCausalLM
+from ssa_megatron.hf.configuration_ssa import SSAConfig
+from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
 
 GATE_KEY = "model.layers.{i}.self_attn.head_gate.weight"
 O_PROJ_KEY = "model.layers.{i}.self_attn.o_proj.weight"
