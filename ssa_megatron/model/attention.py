@@ -27,7 +27,7 @@ from torch import Tensor
 import kernels.ssa as ssa_ops
 from ssa_megatron.model import mode as ssa_mode
 from ssa_megatron.model.alignment import attach_alignment_loss, global_alignment_loss, tracker
-from ssa_megatron.model.config import SSATransformerConfig
+from ssa_megatron.model.megatron_config import SSATransformerConfig
 from ssa_megatron.parallel.context import gather_sequence, local_query_chunks, split_for_rank
 
 
@@ -35,7 +35,8 @@ from ssa_megatron.parallel.context import gather_sequence, local_query_chunks, s
 class SSAForwardParams(PackedSeqParams):
     """What every SSA layer of one forward shares.
 
-    ``mode``: the branch that drives the residual stream (``"full"``/``"sparse"``). ``rope_cos``/
+    ``mode``: the branch that drives the residual stream (``"full"``/``"sparse"``), ``block_count`` its
+    sparse budget, ``both_branches``: run both (SSA training), all three from ``mode.resolve``. ``rope_cos``/
     ``rope_sin``: ``[s_local, b, 1, head_dim]`` fp32 at this rank's token positions.
     ``doc_cu_seqlens``: per batch row, int32 document boundaries over the *global* row (FlashAttention
     convention), or None to attend across documents. They live on the host: every kernel call reads
@@ -44,6 +45,7 @@ class SSAForwardParams(PackedSeqParams):
 
     mode: str = "sparse"
     block_count: int = 16
+    both_branches: bool = False
     rope_cos: Tensor | None = None
     rope_sin: Tensor | None = None
     doc_cu_seqlens: list[Tensor] | None = field(default=None)
@@ -107,26 +109,22 @@ def build_forward_params(
     device: torch.device,
     training: bool,
     schedule_microbatch: int | None = None,
+    override: ssa_mode.ModeOverride | None = None,
 ) -> SSAForwardParams:
-    """Everything the layers of one forward share (see ``SSAForwardParams``)."""
+    """Everything the layers of one forward share (see ``SSAForwardParams``); ``override`` is the
+    model's ``override_mode`` scope, if any."""
     if position_ids is None:
         position_ids = default_position_ids(batch, seq_local, device)
     position_ids = position_ids.to(device)
-    if training and config.attention_mode == "ssa":
-        iteration, microbatch = ssa_mode.current(schedule_microbatch)
-        drawn = ssa_mode.draw_mode(config.mode_seed, iteration, microbatch, config.p_full)
-        block_count = config.block_count
-    elif training:
-        drawn, block_count = config.attention_mode, config.block_count
-    else:
-        drawn, block_count = config.inference_mode, config.effective_inference_block_count
+    resolved = ssa_mode.resolve(config, training, schedule_microbatch, override)
     cos, sin = rope_angles(position_ids, config.kv_channels, config.rotary_base)
     doc = None
     if config.document_causal:
         cp_group, _, _ = _cp_group_rank_size()
         doc = document_cu_seqlens(gather_sequence(position_ids, 1, cp_group))
     return SSAForwardParams(
-        qkv_format="sbhd", mode=drawn, block_count=block_count, rope_cos=cos, rope_sin=sin, doc_cu_seqlens=doc
+        qkv_format="sbhd", mode=resolved.drive, block_count=resolved.block_count,
+        both_branches=resolved.both_branches, rope_cos=cos, rope_sin=sin, doc_cu_seqlens=doc,
     )
 
 
@@ -198,7 +196,7 @@ class SSACoreAttention(MegatronModule):
         k = gather_sequence(k, 1, cp_group)
         v = gather_sequence(v, 1, cp_group)
         config = self.config
-        if not self.training or config.attention_mode != "ssa":
+        if not params.both_branches:
             return self._branch(params.mode, q, k, v, params, params.block_count)[0]
         o_full, lse_full = self._branch("full", q, k, v, params, params.block_count)
         o_sparse, lse_sparse = self._branch("sparse", q, k, v, params, params.block_count)

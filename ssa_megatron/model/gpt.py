@@ -14,10 +14,14 @@ from torch import Tensor
 from ssa_megatron.model.attention import SSAForwardParams, build_forward_params
 from ssa_megatron.model.config import SSATransformerConfig, check_sequence_length
 from ssa_megatron.model.layer_spec import get_ssa_layer_spec
+from ssa_megatron.model.mode import ModeOverride
 
 
 class SSAGPTModel(GPTModel):
     """GPTModel whose forward builds the per-forward SSA parameters (mode, RoPE, documents)."""
+
+    # Set only by ``ssa_megatron.model.mode.override_mode`` for the forwards of its scope.
+    mode_override: ModeOverride | None = None
 
     def forward(  # type: ignore[override]
         self,
@@ -49,7 +53,7 @@ class SSAGPTModel(GPTModel):
         schedule_mb = getattr(layers[0], "current_microbatch", None) if len(layers) else None
         return build_forward_params(
             self.config, position_ids, shaped.shape[0], shaped.shape[1], shaped.device, self.training,
-            schedule_mb,
+            schedule_mb, self.mode_override,
         )
 
 

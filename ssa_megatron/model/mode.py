@@ -15,11 +15,22 @@ The training loop publishes the iteration with ``set_microbatch(iteration)`` onc
 schedules tell every layer the micro-batch index (``TransformerLayer.current_microbatch``), which the
 model reads. A caller driving the model without megatron's schedules passes the index explicitly:
 ``set_microbatch(iteration, microbatch)``.
+
+``resolve`` is the one place that decides what a forward runs (which branch drives the residual
+stream, with which block budget, and whether both branches run), from the model config, train/eval
+state and an optional ``ModeOverride``. Evaluation and benchmarks ask for a mode with
+``override_mode(models, inference_mode="full")`` (a scope on the model objects), never by editing the
+shared config.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
+
+from ssa_megatron.model.config import ATTENTION_MODES, INFERENCE_MODES
 
 _MASK64 = (1 << 64) - 1
 
@@ -52,6 +63,9 @@ class _Published:
     microbatch: int | None = None
 
 
+# A module-level value because megatron's schedules call the model's forward with the batch only: the
+# iteration cannot travel as a forward argument through them, so the loop publishes it here once per
+# step. It carries the iteration/micro-batch of the draw only; the mode itself is resolved per forward.
 _state = _Published()
 
 
@@ -90,3 +104,106 @@ def current(schedule_microbatch: int | None = None) -> tuple[int, int]:
             "model directly use ssa_megatron.model.mode.set_microbatch(iteration, microbatch)"
         )
     return _state.iteration, microbatch
+
+
+@dataclass(frozen=True)
+class ModeOverride:
+    """Config values replaced for the forwards inside an ``override_mode`` scope (None: the config's)."""
+
+    attention_mode: str | None = None
+    inference_mode: str | None = None
+    p_full: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.attention_mode is not None and self.attention_mode not in ATTENTION_MODES:
+            raise ValueError(
+                f"attention_mode={self.attention_mode!r} is not one of {', '.join(ATTENTION_MODES)}"
+            )
+        if self.inference_mode is not None and self.inference_mode not in INFERENCE_MODES:
+            raise ValueError(
+                f"inference_mode={self.inference_mode!r} is not one of {', '.join(INFERENCE_MODES)}"
+            )
+        if self.p_full is not None and not 0.0 <= self.p_full <= 1.0:
+            raise ValueError(f"p_full={self.p_full} is a probability: give a value in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ResolvedMode:
+    """What one forward runs: ``drive`` (``"full"``/``"sparse"``) feeds the residual stream with
+    ``block_count`` blocks per query in the sparse branch; ``both_branches``: SSA training (both branches,
+    alignment loss, metrics)."""
+
+    drive: str
+    block_count: int
+    both_branches: bool
+
+
+def _effective(config: Any, override: ModeOverride | None) -> tuple[str, str, float]:
+    o = override or ModeOverride()
+    return (
+        o.attention_mode or config.attention_mode,
+        o.inference_mode or config.inference_mode,
+        config.p_full if o.p_full is None else o.p_full,
+    )
+
+
+def resolve(
+    config: Any, training: bool, schedule_microbatch: int | None = None, override: ModeOverride | None = None
+) -> ResolvedMode:
+    """The mode of the next forward. Training: ``ssa`` draws the driving branch per micro-batch (see
+    ``current``) and runs both; ``full``/``sparse`` run that branch. Eval: ``inference_mode`` with the
+    inference block budget."""
+    attention_mode, inference_mode, p_full = _effective(config, override)
+    if training and attention_mode == "ssa":
+        iteration, microbatch = current(schedule_microbatch)
+        drive = draw_mode(config.mode_seed, iteration, microbatch, p_full)
+        return ResolvedMode(drive, config.block_count, True)
+    if training:
+        return ResolvedMode(attention_mode, config.block_count, False)
+    return ResolvedMode(inference_mode, config.effective_inference_block_count, False)
+
+
+def planned_modes(
+    config: Any, iteration: int, num_microbatches: int, override: ModeOverride | None = None
+) -> list[str]:
+    """The branch that drives each micro-batch of a training iteration (what ``resolve`` draws)."""
+    attention_mode, _, p_full = _effective(config, override)
+    if attention_mode != "ssa":
+        return [attention_mode] * num_microbatches
+    return [draw_mode(config.mode_seed, iteration, i, p_full) for i in range(num_microbatches)]
+
+
+def _overridable(models: Any) -> list[Any]:
+    roots = models if isinstance(models, (list, tuple)) else [models]
+    # The class attribute marks SSA models; wrappers that forward attribute reads (DeepSpeed's engine)
+    # must not count.
+    found = [m for root in roots for m in root.modules() if hasattr(type(m), "mode_override")]
+    if not found:
+        raise TypeError("override_mode needs SSA models (SSAGPTModel, possibly wrapped); none found")
+    return found
+
+
+@contextmanager
+def override_mode(
+    models: Any | Iterable[Any],
+    *,
+    attention_mode: str | None = None,
+    inference_mode: str | None = None,
+    p_full: float | None = None,
+) -> Iterator[ModeOverride]:
+    """Run the forwards of ``models`` (a model, wrapped or not, or a list of pipeline chunks) inside the
+    scope with these config values replaced; restored on exit, the shared config untouched.
+
+    ``inference_mode`` picks the branch of eval-mode forwards; ``attention_mode``/``p_full`` those of
+    training-mode forwards (e.g. ``attention_mode="ssa", p_full=1.0``: both branches, full drives).
+    """
+    override = ModeOverride(attention_mode, inference_mode, p_full)
+    targets = _overridable(models)
+    saved = [m.mode_override for m in targets]
+    for m in targets:
+        m.mode_override = override
+    try:
+        yield override
+    finally:
+        for m, previous in zip(targets, saved):
+            m.mode_override = previous
