@@ -34,7 +34,9 @@ class StreamSpec:
     local: str | None = None
 
     def is_remote(self) -> bool:
-        return bool(urllib.parse.urlparse(self.path).scheme) and not os.path.isabs(self.path)
+        scheme = urllib.parse.urlparse(self.path).scheme
+        # A one-letter "scheme" is a Windows drive; file:// is a local directory.
+        return len(scheme) > 1 and scheme != "file" and not os.path.isabs(self.path)
 
 
 @dataclass
@@ -54,7 +56,8 @@ class DataConfig:
     cache_limit: str | None = None
     download_timeout: float = 120.0
     download_retry: int = 2
-    validate_hash: str | None = None
+    # "auto": xxh64 for remote streams (prepare_data writes it), nothing for local ones; "none"/None: off.
+    validate_hash: str | None = "auto"
     epoch_size: int | None = None
 
     @classmethod

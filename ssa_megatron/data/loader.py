@@ -54,6 +54,7 @@ from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from streaming import Stream, StreamingDataset
@@ -63,6 +64,7 @@ from torch.utils.data import DataLoader
 from ssa_megatron.data.batch import rows_to_batch
 from ssa_megatron.data.config import DataConfig, StreamSpec
 from ssa_megatron.data.http_remote import register_http_remote
+from ssa_megatron.data.sources import resolve_hash
 from ssa_megatron.data.streaming_env import LaunchLike, apply_launch
 
 register_http_remote()
@@ -86,14 +88,102 @@ def data_parallel_world(physical: World, dp_rank: int, dp_size: int) -> World:
     return World(num_nodes=nodes, ranks_per_node=per_node, workers_per_rank=1, worker=dp_rank)
 
 
+class DataError(ValueError):
+    """A shard or row is damaged or unreadable; the message names the shard file (and row)."""
+
+
+def _shard_name(stream: Stream, shard: Any) -> str:
+    """Where a shard comes from: the remote URI when it is downloaded, else the local file."""
+    raw, zipped = shard.file_pairs[0]
+    basename = (zipped or raw).basename
+    root = stream.remote if stream.remote is not None else stream.local
+    return os.path.join(root, stream.split or "", basename) if "://" not in root else (
+        root.rstrip("/") + "/" + (f"{stream.split}/" if stream.split else "") + basename)
+
+
+def check_offset_table(filename: str, num_samples: int) -> None:
+    """An MDS shard starts with its row count and ``n + 1`` ascending uint32 offsets ending at the file size.
+
+    Checked when a shard becomes local, so a damaged table is named before any of its rows is drawn.
+    """
+    size = os.path.getsize(filename)
+    with open(filename, "rb") as fh:
+        head = fh.read(4 + 4 * (num_samples + 1))
+    if len(head) < 4 + 4 * (num_samples + 1):
+        raise DataError(f"shard {filename} is truncated ({size} bytes): its offset table is incomplete")
+    count = int(np.frombuffer(head[:4], np.uint32)[0])
+    offsets = np.frombuffer(head[4:], np.uint32).astype(np.int64)
+    if count != num_samples:
+        raise DataError(f"shard {filename} says it holds {count} rows, its index says {num_samples}")
+    # The shard's column config sits between the table and the first row, so offsets[0] >= the table end.
+    bad = np.flatnonzero((np.diff(offsets) < 0) | (offsets[1:] > size))
+    if offsets[0] < len(head) or bad.size or offsets[-1] != size:
+        row = int(bad[0]) if bad.size else (0 if offsets[0] < len(head) else num_samples - 1)
+        raise DataError(f"shard {filename} has a damaged offset table at row {row} (offsets must ascend from "
+                        f"the table's end to the file size {size}); re-create or re-download the shard")
+
+
 class ReplicaStreamingDataset(StreamingDataset):
-    """A StreamingDataset whose samples depend only on the data-parallel rank (see module doc)."""
+    """A StreamingDataset whose samples depend only on the data-parallel rank (see module doc).
+
+    It also turns streaming's ``Background thread failed`` into the error that made the download
+    thread fail, naming the shard (a hash mismatch, a missing object), and names shard and row when
+    a row cannot be decoded.
+    """
 
     def __init__(self, *, dp_rank: int, dp_size: int, **kwargs: Any) -> None:
         super().__init__(replication=None, **kwargs)
         self._parallel_rank_world = data_parallel_world(self._unique_rank_world, dp_rank, dp_size)
         self.length = math.ceil(self.epoch_size / dp_size)
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self._data_error: Exception | None = None
+        self._checked_shards: set[int] = set()
+
+    def _shard_label(self, shard_id: int) -> str:
+        return _shard_name(self.streams[self.stream_per_shard[shard_id]], self.shards[shard_id])
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        try:
+            super().prepare_shard(shard_id, blocking)
+            if shard_id not in self._checked_shards:
+                stream = self.streams[self.stream_per_shard[shard_id]]
+                shard = self.shards[shard_id]
+                raw = os.path.join(stream.local, stream.split or "", shard.file_pairs[0][0].basename)
+                if os.path.isfile(raw):
+                    check_offset_table(raw, shard.samples)
+                    self._checked_shards.add(shard_id)
+        except DataError as err:
+            self._data_error = err
+            raise
+        except Exception as err:
+            message = str(err).replace("Checksum failure", "hash mismatch (the shard is corrupted)")
+            label = self._shard_label(shard_id)
+            self._data_error = DataError(f"shard {label}: {type(err).__name__}: {message}")
+            raise self._data_error from err
+
+    def get_item(self, sample_id: int, retry: int = 7) -> Any:
+        if self._data_error is not None:
+            raise self._data_error
+        try:
+            return super().get_item(sample_id, retry)
+        except DataError:
+            raise
+        except Exception as err:
+            if self._data_error is not None:
+                raise self._data_error from None
+            shard_id, row = self.spanner[sample_id]
+            raise DataError(f"shard {self._shard_label(shard_id)}, row {row}: cannot be read "
+                            f"({type(err).__name__}: {err})") from err
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from super().__iter__()
+        except RuntimeError:
+            if self._data_error is not None:
+                raise self._data_error from None
+            raise
+        if self._data_error is not None:
+            raise self._data_error
 
 
 class PackedRowLoader:
@@ -184,7 +274,7 @@ def _streams(cfg: DataConfig, specs: list[StreamSpec]) -> list[Stream]:
         streams.append(Stream(
             remote=remote, local=local, proportion=spec.proportion, repeat=spec.repeat, choose=spec.choose,
             download_retry=cfg.download_retry, download_timeout=cfg.download_timeout,
-            validate_hash=cfg.validate_hash,
+            validate_hash=resolve_hash(cfg, spec),
         ))
     return streams
 

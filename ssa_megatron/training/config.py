@@ -66,6 +66,28 @@ class DataSection:
     demo_bytes: int = 3_000_000
     seq_length: int = 64
     num_workers: int = 0
+    # Where the shards come from. `path` is a dataset root (train/ and val/ below it): a local
+    # directory or any URI mosaicml-streaming reads (s3://, gs://, oci://, azure://, hf://,
+    # http(s)://). `streams` is a weighted mixture of such roots instead: a list of
+    # {path, proportion | repeat | choose, cache_dir}; `valid_streams` likewise for validation
+    # (default: every stream's val/ split, unweighted). See ssa_megatron/data/sources.py.
+    streams: list[dict] = field(default_factory=list)
+    valid_streams: list[dict] = field(default_factory=list)
+    # Node-local cache of remote shards (None: <checkpoint.dir>/data_cache, else a user cache).
+    cache_dir: str | None = None
+    # Shard hash checked after each download: "auto" (xxh64 for remote streams, none for local
+    # ones), "none", or an algorithm the shards were written with (sha1, xxh64, ...).
+    validate_hash: str = "auto"
+    download_retry: int = 2
+    download_timeout: float = 120.0
+    # Samples to download ahead of training per rank (None: streaming's default).
+    predownload: int | None = None
+    shuffle: bool = True
+    shuffle_algo: str = "py1e"
+    # None: train.seed.
+    shuffle_seed: int | None = None
+    # Fixes the sample order independently of the node count (elastic restarts); None: streaming picks.
+    num_canonical_nodes: int | None = None
 
 
 @dataclass
@@ -178,6 +200,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if isinstance(value, str):
@@ -376,8 +402,15 @@ def validate_static(cfg: TrainConfig) -> None:
     _check(m.alignment_weight >= 0, f"model.alignment_weight={m.alignment_weight} must be >= 0")
     _check(d.seq_length > 0, f"data.seq_length={d.seq_length} must be positive")
     _check(
-        bool(d.path), "data.path is empty; set it to the MDS shard directory (or use data.build_demo: true)"
+        bool(d.path) or bool(d.streams),
+        "data.path is empty; set it to the MDS shard directory (or use data.build_demo: true)",
     )
+    from ssa_megatron.data.sources import SourceError, validate_section
+
+    try:
+        validate_section(d)
+    except SourceError as err:
+        raise ConfigError(str(err)) from None
     if not d.build_demo:
         _check(bool(d.tokenizer), "data.tokenizer is empty; set it to the sentencepiece model file")
     for name in ("tensor", "pipeline", "context"):
