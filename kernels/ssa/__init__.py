@@ -23,7 +23,15 @@ from kernels.ssa._common import (
     total_blocks,
 )
 
-__all__ = ["block_keys", "dense_attention", "select_blocks", "selected_attention", "sparse_attention"]
+__all__ = [
+    "block_keys",
+    "decode_block_keys",
+    "dense_attention",
+    "select_blocks",
+    "selected_attention",
+    "sparse_attention",
+    "sparse_decode",
+]
 
 
 def _triton_ops() -> ModuleType:
@@ -190,3 +198,86 @@ def sparse_attention(
     return naive.sparse_attention(
         q, k, v, block_size, block_count, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale
     )
+
+
+def _check_decode_cache(
+    k: torch.Tensor, kblock: torch.Tensor, seq_lens: torch.Tensor, block_size: int
+) -> None:
+    if k.dim() != 4 or kblock.dim() != 4:
+        raise ValueError(
+            f"k and kblock must be [batch, seq, heads, head_dim] and [batch, blocks, heads, head_dim]; "
+            f"got {tuple(k.shape)} and {tuple(kblock.shape)}"
+        )
+    b, t, h, d = k.shape
+    need = -(-t // block_size)
+    if kblock.shape[0] != b or kblock.shape[2:] != (h, d) or kblock.shape[1] < need:
+        raise ValueError(
+            f"kblock {tuple(kblock.shape)} must be [{b}, >= {need}, {h}, {d}] for a cache of {t} tokens "
+            f"in blocks of {block_size}"
+        )
+    if seq_lens.shape != (b,) or seq_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"seq_lens must be an int32/int64 tensor of shape ({b},); "
+            f"got {seq_lens.dtype} {tuple(seq_lens.shape)}"
+        )
+
+
+def decode_block_keys(
+    k: torch.Tensor, kblock: torch.Tensor, seq_lens: torch.Tensor, block_size: int, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Keep a KV cache's block keys current after appending one token per sequence; returns ``kblock``.
+
+    ``k [B, T, H, D]`` holds sequence b's keys at ``[0, seq_lens[b])`` (post-RoPE; any strides), and
+    ``kblock [B, >= ceil(T / block_size), H, D]`` their block keys. Where ``seq_lens[b]`` is a multiple
+    of ``block_size`` the sequence's last block has just filled and its mean (fp32, as in
+    ``block_keys``) is written in place; a block's key is final once written, and a partial block has
+    none (it is never scored). Runs on the device without reading ``seq_lens`` on the host, with the
+    same few PyTorch ops on every backend (it moves ``block_size`` keys per sequence).
+    """
+    check_block_args(block_size)
+    _check_decode_cache(k, kblock, seq_lens, block_size)
+    use_triton(backend, k)  # validates the backend name
+    return naive.decode_block_keys(k, kblock, seq_lens, block_size)
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kblock: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    block_count: int,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sparse branch for one new query per sequence against a KV cache.
+
+    ``q [B, HQ, D]``: sequence b's query at position ``seq_lens[b] - 1`` (its key and value already in
+    the cache). ``k``/``v [B, T, H, D]``: the cache, sequence b's tokens at ``[0, seq_lens[b])`` with
+    ``1 <= seq_lens[b] <= T`` (lengths may differ; strided views of a larger cache are fine).
+    ``kblock``: the cache's block keys (``decode_block_keys``); only complete blocks are read.
+    Returns ``(o [B, HQ, D], lse [B, HQ] fp32, block_idx int32 [B, H, block_count])``, the selection
+    and attention that ``sparse_attention`` computes for that query over the whole sequence. The Triton
+    path reads the complete blocks' keys and the selected blocks' keys and values, nothing else.
+    """
+    check_block_args(block_size, block_count)
+    if q.dim() != 3:
+        raise ValueError(
+            f"q must be [batch, query_heads, head_dim] (one query per sequence); got {tuple(q.shape)}"
+        )
+    _check_decode_cache(k, kblock, seq_lens, block_size)
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}; got {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[3] or q.shape[1] % k.shape[2]:
+        raise ValueError(
+            f"q {tuple(q.shape)} must be [B, G * H, D] for a cache {tuple(k.shape)} ([B, T, H, D])"
+        )
+    scale = resolve_scale(scale, q.shape[-1])
+    if use_triton(backend, q, k, v, kblock):
+        from kernels.ssa import decode_kernel
+
+        _triton_ops()._check(q, block_size)
+        return decode_kernel.sparse_decode(q, k, v, kblock, seq_lens, block_size, block_count, scale=scale)
+    return naive.sparse_decode(q, k, v, kblock, seq_lens, block_size, block_count, scale=scale)

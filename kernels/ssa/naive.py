@@ -270,3 +270,53 @@ def sparse_attention(
         q, k, v, idx, block_size, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale
     )
     return o, lse, idx
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding: one new query per sequence against a KV cache
+# ---------------------------------------------------------------------------------------------
+def decode_block_keys(
+    k: torch.Tensor, kblock: torch.Tensor, seq_lens: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """Write the block key of every sequence whose last block just filled (``seq_lens % bs == 0``).
+
+    Device-side only (no host read of ``seq_lens``), so the Triton backend uses it as it is: it
+    touches ``block_size`` keys per sequence. The mean is taken in fp32 like ``block_keys``.
+    """
+    b = k.shape[0]
+    lens = seq_lens.to(device=k.device, dtype=torch.long)
+    rows = torch.arange(b, device=k.device)
+    pos = (lens - block_size).clamp(min=0)[:, None] + torch.arange(block_size, device=k.device)
+    pos = pos.clamp(max=k.shape[1] - 1)
+    mean = (k[rows[:, None], pos].float().sum(dim=1) / block_size).to(kblock.dtype)
+    row = (lens // block_size - 1).clamp(min=0)
+    filled = ((lens % block_size == 0) & (lens > 0)).view(b, 1, 1)
+    kblock[rows, row] = torch.where(filled, mean, kblock[rows, row])
+    return kblock
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kblock: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    block_count: int,
+    *,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sequence's query at position ``seq_lens[b] - 1``: the selection and selected attention of
+    the training ops for that one query, over the cached block keys of its complete blocks."""
+    outs, lses, idxs = [], [], []
+    for i, length in enumerate(seq_lens.tolist()):
+        own = (length - 1) // block_size
+        qi = q[i : i + 1, None]
+        # Rows up to the own block: _select_doc scores only the complete ones.
+        idx = _select_doc(qi, kblock[i : i + 1, : own + 1], block_size, block_count, length - 1, scale)
+        ki, vi = k[i : i + 1, :length], v[i : i + 1, :length]
+        o, lse = selected_attention(qi, ki, vi, idx, block_size, q_offset=length - 1, scale=scale)
+        outs.append(o[:, 0])
+        lses.append(lse[:, 0])
+        idxs.append(idx[:, 0])
+    return torch.cat(outs), torch.cat(lses), torch.cat(idxs)
