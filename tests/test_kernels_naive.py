@@ -1,6 +1,6 @@
 """The plain-PyTorch reference (kernels/ssa/naive.py) against a brute-force per-query loop.
 
-The brute force is written straight from SSA_METHOD.md section 2, loop-based and float64, so it
+The brute force is written straight from docs/method.md (sections 1-3), loop-based and float64, so it
 shares no code or vectorisation trick with the reference it checks.
 """
 

@@ -1,6 +1,6 @@
 """Plain-PyTorch reference of every SSA op (readable, differentiable through autograd, slow).
 
-Definitions (SSA_METHOD.md section 2), for a query at document-local position t:
+Definitions (docs/method.md, sections 1-3), for a query at document-local position t:
 - block j holds keys [j*bs, (j+1)*bs) of the document; its block key is their mean.
 - block j is *complete* at t when all block_size of its tokens are <= t, i.e. j < (t+1)//bs.
   A trailing partial block (document shorter than a multiple of bs) is never complete, so a

@@ -15,7 +15,7 @@ from ssa_megatron.model.config import check_ssa_fields
 
 @dataclass
 class SSATransformerConfig(TransformerConfig):
-    """TransformerConfig + SSA (see docs/SSA_METHOD.md).
+    """TransformerConfig + SSA (see docs/method.md).
 
     ``attention_mode``: ``ssa`` trains both branches with a per-micro-batch mode draw and the alignment
     loss; ``full`` and ``sparse`` are the paper's single-branch baselines (no alignment loss).
