@@ -2,8 +2,7 @@
 
 This is SDPA's default kernel on sm90, and the fastest dense path measured here: ``dense_attention``
 fwd+bwd at the 1B layout on an H200 went from 4.05 ms on aten's FlashAttention-2 to 2.69 ms at 8k
-tokens, and from 54.2 to 36.6 ms at 32k (tools/bench_kernels.py, ``ours_dense_fwdbwd_ms`` in
-benchmarks/results/kernels_h200_20261128_s2_rows.jsonl and kernels_h200_20261128_s3.json). It takes
+tokens, and from 54.2 to 36.6 ms at 32k (tools/bench_kernels.py, ``ours_dense_fwdbwd_ms``). It takes
 GQA natively (K/V with fewer heads; their gradients come back per KV head), so K/V are neither
 expanded nor group-summed.
 
@@ -14,7 +13,7 @@ packed documents stay on the flash kernels (dense_attention_flash.py), whose mas
 last key. cuDNN's variable-length form (``_cudnn_attention_forward`` with ``cu_seqlens``) was tried
 for documents on an H200 (torch 2.11, cuDNN 9.19) and is unusable there: non-finite outputs and
 wrong dQ against the fp32 reference, and 176 ms fwd+bwd at 8k tokens against 2.3 ms for flash's
-varlen kernel (gpu_run_h200_20261128_s3.log).
+varlen kernel.
 
 aten's cuDNN backward op cannot be called with its bias argument left out from Python, so the
 forward records the op on detached leaves and the backward differentiates that record with

@@ -3,7 +3,7 @@ packed documents included.
 
 This covers every training step: whole sequences, a context-parallel rank's query chunks at their
 global offset against the all-gathered keys, and document-causal rows. SDPA's flash kernel is
-1.5-1.9x faster than FlexAttention (benchmarks/results/kernels_h100_20261128.md) and compiles
+1.5-1.9x faster than FlexAttention (measured on an H100) and compiles
 nothing per geometry. The flash kernel aligns a causal mask with Tq < Tk to the last key (query i
 sees keys j <= i + Tk - Tq), so each document's queries ``[lo, hi)`` (global positions) run against
 its keys ``[doc_start, hi)``: later keys are never attended and are not passed. Documents go to the

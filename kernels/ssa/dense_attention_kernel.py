@@ -3,7 +3,7 @@
 PyTorch's FlexAttention generates a fused Triton flash-attention kernel for any mask, with GQA,
 an LSE that carries gradient, and backward; the mask here is "same document and key position
 <= the query's global position". Compiled on CUDA, eager elsewhere (no CPU backward there).
-Measured on H100 (benchmarks/results/kernels_h100_*.json) it is 1.5-1.9x slower than SDPA's
+Measured on an H100 it is 1.5-1.9x slower than SDPA's
 causal flash kernel, so kernels.ssa.triton_ops sends every half-precision call to the fused
 kernels (cuDNN, dense_attention_cudnn.py, for whole sequences; flash, dense_attention_flash.py,
 otherwise), whose LSE has no gradient; this path serves fp32 (and other head dims the flash kernel

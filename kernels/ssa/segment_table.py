@@ -6,7 +6,7 @@ segments in order. This module builds that table on the GPU in four launches and
 waiting for the device: the number of segments is bounded on the host (each key block has at most
 one partial segment), and segments past the real count are marked by ``seg_end[-1]``. Built from
 torch ops (where, searchsorted, cumsum, gathers) the same table took ~40 launches per layer, whose
-idle gaps cost ~1.2 ms per 1B training step at 8k tokens (H200 profile, session 5).
+idle gaps cost ~1.2 ms per 1B training step at 8k tokens (an H200 profile).
 
 A pair's key is ``(b * H + h) * NB + block row``; pairs sort stably by key, so each block's queries
 stay in ascending order and its sums run in a fixed order: same inputs, same bits.

@@ -231,8 +231,8 @@ def _dkdv_reduce_kernel(
 class Launch:
     """Launch parameters of the three kernels (``tools/sweep_selected_attention.py`` times others).
 
-    The defaults are the fastest of 90 launches timed on an H200 at 8k and 64k tokens (1B layout, bf16;
-    benchmarks/results/sweep_selected_attention_h200_20261128_s5.json): against the previous ones the
+    The defaults are the fastest of 90 launches timed on an H200 at 8k and 64k tokens (1B layout,
+    bf16; docs/performance.md has the sweep): against the previous ones the
     forward is 1.09x / 1.27x faster with 1 warp and 32 keys per step, dq 1.13x / 1.27x with 2 warps and
     2 stages, the dk/dv segments 1.31x / 1.07x with 128 rows (queries x group heads) per step and 3
     stages. The key step changes the forward's bf16 rounding; the others give the same bits.
@@ -263,9 +263,9 @@ def default_launch(head_dim: int, group_size: int) -> Launch:
         return Launch(dkdv_rows=64, dkdv_stages=2)
     if head_dim == 64 and _group_rows(group_size) == 16:
         # dq needs 137 registers here (sm90): a cap of 128 fits 8 programs per SM instead of 7 without
-        # spilling, 1.12x / 1.05x / 1.08x faster at 8k / 32k / 64k on an H200 (1B layout; the forward's
-        # and dk/dv's caps were slower or mixed: sweep_selected_attention_h200_20261128_s8_b.json). Other
-        # layouts need other counts (head_dim 128: 208), where this cap would spill heavily.
+        # spilling, 1.12x / 1.05x / 1.08x faster at 8k / 32k / 64k on an H200 (1B layout; caps on the
+        # forward and dk/dv were slower or mixed). Other layouts need other counts (head_dim 128: 208),
+        # where this cap would spill heavily.
         return Launch(dq_maxnreg=128)
     return Launch()
 

@@ -14,8 +14,8 @@ block-major ([blocks, queries]): in the product's register layout a query's grou
 in one thread and its three neighbours, and each thread holds half as many int64 keys, which cut
 its instructions per tile by 30%. At 64k tokens on an H200 the fused kernel took 8.86 ms, the
 split 8.41, with a block-major pass 2 7.26, with 32-block pass-2 steps 6.72, and with 64-block
-pass-1 steps and the first tile sorted into the lists (below) 6.35 (benchmarks/results/README.md,
-session 7).
+pass-1 steps and the first tile sorted into the lists (below) 6.35 (docs/performance.md,
+"Selection kernel").
 
 Exact, deterministic ranking: a candidate's score (a non-negative fp32) and its block index are
 packed into one int64 key, (score bits << 32) | (2^31 - 1 - j), so integer order is score order
@@ -281,7 +281,7 @@ class SelectLaunch:
     on a warpgroup; pass 2's running top-k is latency-bound on its insertion rounds, fastest on one warp
     (every reduction a shuffle). The defaults are the fastest launches timed on an H200 at 8k, 32k and
     64k tokens (1B layout, bf16; pass 1: 64-128 rows, 32-128 blocks, 4-8 warps; pass 2: 16-128 rows,
-    8-64 blocks, 1-4 warps; benchmarks/results/README.md, session 7).
+    8-64 blocks, 1-4 warps; docs/performance.md has the sweeps).
 
     ``*_maxnreg`` caps the registers per thread (None: the compiler's choice), as in ``Launch``
     (``default_select_launch`` sets the caps that were timed).
@@ -304,7 +304,7 @@ def default_select_launch(head_dim: int, group_size: int) -> SelectLaunch:
     if head_dim == 64 and next_pow2(group_size) == 16:
         # Pass 2 needs 136 registers here (sm90): a cap of 120 fits 17 warps per SM instead of 15
         # without spilling (its 12 KB of shared memory allow no more), 1.17x / 1.05x / 1.07x faster at
-        # 8k / 32k / 64k on an H200 (1B layout; pass 1's caps gained nothing: session 8). Other layouts
+        # 8k / 32k / 64k on an H200 (1B layout; caps on pass 1 gained nothing). Other layouts
         # need other counts (head_dim 128: 218, 4 group heads: 168), where this cap would spill.
         return SelectLaunch(topk_maxnreg=120)
     return SelectLaunch()
