@@ -1,4 +1,4 @@
-"""Whole-model prefill time in sparse vs full inference mode, batch 1, at long contexts (issue 8).
+"""Whole-model prefill time in sparse vs full inference mode, batch 1, at long contexts.
 
     python tools/bench_inference.py --config examples/ssa_1b_8k.yaml --seq-lens 32768 65536 131072
 
@@ -6,7 +6,7 @@ The model is the training stack's own (`runner.model_config` + `build_model`, bf
 prefill here is the embedding and every transformer layer over the prompt (what fills the KV
 cache). The output layer is left out: generation needs the last position's logits only, and
 full-vocabulary logits for every prompt position are not part of prefill. Each mode is timed in
-the same run (median of CUDA-event timings after warm-up); the issue's speed-up targets are
+the same run (median of CUDA-event timings after warm-up); the project's speed-up targets are
 printed with MISS where missed, and the result goes to benchmarks/results/ as JSON.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Issue 8: sparse-mode prefill speed-up over full mode, 1B model, batch 1.
+# The project's targets: sparse-mode prefill speed-up over full mode, 1B model, batch 1.
 SPEEDUP_TARGETS = {32768: 3.0, 65536: 5.0, 131072: 8.0}
 # Kernel names of attention in either mode: cuDNN/flash SDPA, and the SSA kernels (kernels/ssa).
 ATTENTION_KERNEL_MARKS = ("sdpa", "fmha", "flash", "attention", "_select_lse_kernel", "_select_topk_kernel",

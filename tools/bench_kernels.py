@@ -1,4 +1,4 @@
-"""Time the SSA kernels against PyTorch SDPA dense causal attention on one GPU (issue 3).
+"""Time the SSA kernels against PyTorch SDPA dense causal attention on one GPU.
 
 For the 1B layout (32 query heads, 2 KV heads, head_dim 64, block_size 16, block_count 16,
 batch 1) and each sequence length, one run times: SDPA dense causal fwd and fwd+bwd, our dense
@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Issue 3 targets: sparse branch fwd+bwd / dense SDPA fwd+bwd, and selected-attention fwd rate.
+# The project's kernel targets: sparse branch fwd+bwd / dense SDPA fwd+bwd, and selected-attention fwd rate.
 RATIO_TARGETS = {8192: 0.25, 32768: 0.12, 65536: 0.09}
 RATE_TARGET_T, RATE_TARGET_TFLOPS = 65536, 150.0
 
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("bench_kernels: needs a CUDA GPU (run it on the device machine)", file=sys.stderr)
+        print("bench_kernels: needs a CUDA GPU (run it on a machine with one)", file=sys.stderr)
         return 1
     sys.path.insert(0, str(ROOT))
     fla_nsa, fla_note = None, "skipped (--skip-fla)"

@@ -1,4 +1,4 @@
-"""Training throughput of the whole stack on GPUs, each attention mode timed in the same run (issue 8).
+"""Training throughput of the whole stack on GPUs, each attention mode timed in the same run.
 
     torchrun --nproc-per-node 1 tools/bench_train.py --config examples/ssa_1b_8k.yaml --modes full ssa
     torchrun --nproc-per-node 4 tools/bench_train.py --config examples/ssa_1b_8k.yaml --modes ssa \
@@ -13,7 +13,7 @@ CUDA-event timings after warm-up: the forward+backward of one global batch witho
 (the figure the SSA authors' 1B measurement reports), and the whole step with the optimizer.
 Also: tokens/s per GPU, model TFLOP/s per GPU counting only the main path (full-attention FLOPs,
 as MFU does) and counting every branch that runs, the bf16 matmul rate measured on this GPU, and peak memory.
-Prints a table with the issue's targets (MISS where missed) and writes JSON to benchmarks/results/.
+Prints a table with the project's targets (MISS where missed) and writes JSON to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Issue 8 targets (H100, bf16, 1B layout, seq 8192, batch 1).
+# The project's training targets (H100, bf16, 1B layout, seq 8192, batch 1; benchmarks/RESULTS.md).
 SSA_OVER_FULL_TARGET = 0.90
 FULL_MFU_TARGET = 0.40
 SSA_FWDBWD_TOKENS_TARGET = 38_800.0
