@@ -24,7 +24,7 @@ ISOLATED = textwrap.dedent(
     import importlib.abc, json, sys
     BLOCKED = ("ssa_megatron", "kernels", "megatron")
     repo, model_dir, ids_path, transformers_home = sys.argv[1:5]
-    # Run the transformers this test session uses (e.g. a 5.x overlay on PYTHONPATH, which -I drops).
+    # Run the transformers this test run uses (e.g. a 5.x overlay on PYTHONPATH, which -I drops).
     if transformers_home not in sys.path:
         sys.path.insert(0, transformers_home)
     # The project is installed editable in this venv: drop its finder so it is not importable at all.

@@ -1,6 +1,6 @@
 """Short real training runs on the demo corpus: the loss falls for ssa, full and sparse attention.
 
-Also the shared helpers of the training tests: one demo data set per test session (built
+Also the shared helpers of the training tests: one demo data set per pytest run (built
 once; `prepare_demo_dataset` is a no-op for an existing set with the same parameters) and a
 tiny-model config (hidden 64, 2 layers, sequence 64).
 """
