@@ -33,10 +33,14 @@ EXTRAS = {
     "deepspeed": ["deepspeed==0.19.8"],
     "hf": ["transformers>=4.45", "tokenizers>=0.20"],
     "eval": ["matplotlib>=3.8"],
+    # lm-evaluation-harness on exported models (`lm_eval --model hf --model_args pretrained=DIR,...`).
+    "lmeval": ["lm_eval>=0.4.9,<0.5"],
     "te": ["transformer-engine[pytorch]"],
     "test": ["pytest==9.2.0", "pytest-timeout>=2.3", "ruff==0.17.6"],
 }
-EXTRAS["dev"] = sorted(set(EXTRAS["deepspeed"] + EXTRAS["hf"] + EXTRAS["eval"] + EXTRAS["test"]))
+EXTRAS["dev"] = sorted(
+    set(EXTRAS["deepspeed"] + EXTRAS["hf"] + EXTRAS["eval"] + EXTRAS["lmeval"] + EXTRAS["test"])
+)
 
 setup(
     name="ssa-megatron",
