@@ -68,7 +68,7 @@ def test_override_args_reject_plain_flags() -> None:
         ("", ["--model.p_full", ".inf"], 1, "model.p_full=inf is not a finite number"),
         ("", ["--model.block_count", "4"], 1, "data.seq_length=64 <= model.block_size x model.block_count"),
         ("", ["--model.num_layers", "[1, 2"], 1, "--model.num_layers '[1, 2' is not a valid YAML value"),
-        ("model: {block_size: 16, block_size: 8}\n", [], 1, "duplicate key 'block_size'"),
+        ("logging: {interval: 2, interval: 3}\n", [], 1, "duplicate key 'interval' (first at line 5)"),
     ],
 )
 def test_bad_configs_name_the_problem(

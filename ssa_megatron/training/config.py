@@ -1,70 +1,63 @@
 """Training config schema: YAML file + `--section.key value` overrides -> validated dataclasses.
 
 Everything a run needs is in one `TrainConfig`; it is printed once at start-up and saved
-beside each checkpoint, so a checkpoint always says how it was made.
+beside each checkpoint, so a checkpoint always says how it was made. The `model:` section is
+`ssa_megatron.model.config.ModelConfig`, the one model config. The comment above each field is its
+help text (`pretrain_ssa.py --help` prints them, see `config_help`): keep one per key.
+
+Every check runs at load time (`load_config`), before torch or megatron is imported, so a bad value
+costs a fraction of a second and one line naming the key, the value and the fix.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import inspect
+import math
 import re
+import sys
+import textwrap
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ssa_megatron.model.config import (
+    PRECISIONS,
+    RECOMPUTE,
+    ConfigError,
+    ModelConfig,
+    check_block_budget,
+)
 
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the key, the bad value and the fix."""
+__all__ = ["ConfigError", "ModelConfig", "ModelSection", "TrainConfig", "load_config"]
 
-
-ATTENTION_MODES = ("ssa", "full", "sparse")
-
-
-@dataclass
-class ModelSection:
-    num_layers: int = 2
-    hidden_size: int = 64
-    ffn_hidden_size: int = 256
-    num_attention_heads: int = 4
-    num_query_groups: int = 2
-    kv_channels: int | None = None
-    # "ssa" trains both branches with the alignment loss; "full" and "sparse" are the baselines.
-    attention_mode: str = "ssa"
-    block_size: int = 16
-    block_count: int = 16
-    p_full: float = 0.5
-    # alpha of the paper: total loss = CE + alignment_weight * mean over layers of the alignment loss.
-    alignment_weight: float = 10.0
-    alignment_loss: str = "smooth_l1"
-    # Restrict attention to the current document (position_ids restart); the paper attends across.
-    document_causal: bool = False
-    # Eval-time sparse budget (None: block_count), e.g. 64 for the paper's RF 1024.
-    inference_block_count: int | None = None
-    kernel_backend: str = "auto"
-    rotary_base: float = 500000.0
-    norm_epsilon: float = 1e-5
-    init_method_std: float = 0.02
-    tie_embeddings: bool = True
-    # Set from the tokenizer when None; an explicit value must cover the tokenizer.
-    vocab_size: int | None = None
+# The `model:` section (kept under this name for the modules that import it).
+ModelSection = ModelConfig
 
 
 @dataclass
 class DataSection:
-    # MDS shard directory (train/ and val/ below it) and sentencepiece tokenizer model.
+    # MDS shard directory (train/ and val/ below it).
     path: str = ""
+    # Tokenizer the shards were written with (sentencepiece .model or Hugging Face directory).
     tokenizer: str = ""
     # Build the demo corpus (docstrings of installed packages), tokenizer and shards into `path`
     # when they are missing; the tokenizer is then path/tokenizer.model unless `tokenizer` is set.
     build_demo: bool = False
+    # Vocabulary size of the demo tokenizer (data.build_demo).
     demo_vocab_size: int = 4096
+    # Bytes of text in the demo corpus (data.build_demo).
     demo_bytes: int = 3_000_000
+    # Tokens per training sequence; in ssa/sparse mode it must exceed model.block_size x block_count.
     seq_length: int = 64
+    # Data-loader worker processes per rank (0: load in the training process).
     num_workers: int = 0
     # Where the shards come from. `path` is a dataset root (train/ and val/ below it): a local
     # directory or any URI mosaicml-streaming reads (s3://, gs://, oci://, azure://, hf://,
@@ -92,75 +85,114 @@ class DataSection:
 
 @dataclass
 class ParallelSection:
+    # Tensor-parallel size (must divide the query and KV head counts).
     tensor: int = 1
+    # Pipeline-parallel stages (must divide model.num_layers).
     pipeline: int = 1
+    # Model chunks per pipeline stage (interleaved 1F1B); None: not interleaved.
     virtual_pipeline: int | None = None
+    # Context-parallel size: each sequence split over this many ranks (load-balanced).
     context: int = 1
+    # Sequence parallelism of the norms/dropout regions (needs parallel.tensor > 1).
     sequence_parallel: bool = False
+    # megatron's distributed optimizer (ZeRO-1 style); CUDA parameters only.
     distributed_optimizer: bool = True
 
 
 @dataclass
 class TrainSection:
+    # Sequences per forward on one data-parallel rank.
     micro_batch_size: int = 2
+    # Sequences per optimizer step over all ranks (a multiple of micro_batch_size x data-parallel size).
     global_batch_size: int = 4
+    # Length of the run (and of the LR schedule) in optimizer steps.
     train_iters: int = 30
     # End this job after that iteration (checkpoint saved); the LR schedule still spans train_iters.
-    # For time-sliced allocations: the next job resumes from the checkpoint.
+    # For time-sliced allocations: the next job resumes from the checkpoint (checkpoint.load: auto).
     stop_after: int | None = None
+    # Seeds initialisation, data order and the per-micro-batch attention-mode draw.
     seed: int = 1234
+    # bf16 or fp16 (mixed precision, fp32 master weights) or fp32.
     precision: str = "bf16"
+    # Gradient-norm clipping threshold.
     grad_clip: float = 1.0
+    # Activation recomputation: none, or full (whole layers).
     recompute: str = "none"
     # What a non-finite loss or grad norm does: "skip" drops the update, "stop" ends the run.
     nan_policy: str = "skip"
+    # Under nan_policy skip, stop the run after this many skipped updates.
     max_skipped_steps: int = 10
     # A full Python garbage collection every this many iterations on every rank, automatic
     # collection off in between (training/gc_schedule.py); 0 keeps Python's automatic collector.
     gc_interval: int = 50
     # "megatron" (DDP + megatron optimizer) or "deepspeed" (DeepSpeed engine, ZeRO 1/2).
     engine: str = "megatron"
+    # DeepSpeed JSON config (train.engine deepspeed), e.g. examples/deepspeed/zero1_bf16.json.
     deepspeed_config: str | None = None
+    # auto (CUDA when available), cpu or cuda.
     device: str = "auto"
 
 
 @dataclass
 class OptimSection:
+    # Peak learning rate (AdamW).
     lr: float = 1e-3
+    # Learning rate at the end of the decay.
     min_lr: float = 0.0
+    # Linear warm-up steps (None: warmup_fraction x train.train_iters).
     warmup_iters: int | None = None
+    # Warm-up as a fraction of train.train_iters, used when warmup_iters is None.
     warmup_fraction: float = 0.01
+    # LR decay after warm-up: cosine, linear or constant.
     decay_style: str = "cosine"
+    # AdamW beta1.
     adam_beta1: float = 0.9
+    # AdamW beta2.
     adam_beta2: float = 0.95
+    # AdamW epsilon.
     adam_eps: float = 1e-8
+    # Decoupled weight decay (not applied to norms and biases).
     weight_decay: float = 0.1
 
 
 @dataclass
 class CheckpointSection:
+    # Where checkpoints are written (None: nowhere). Any string value may use ${section.key}, e.g.
+    # runs/${model.attention_mode}: replaced by that key's value after the overrides are applied.
     dir: str | None = None
+    # Save every this many iterations (0: only at the end and on SIGTERM, see save_on_exit).
     save_interval: int = 0
-    # "auto" resumes from dir/latest when present; a path loads that checkpoint; "none" starts fresh.
+    # Resume: "auto" resumes from dir/latest when present (model, optimizer, LR schedule, data
+    # order); a path loads that checkpoint; "none" starts fresh.
     load: str = "auto"
     # Load model weights only (e.g. onto a different parallel layout); optimizer starts fresh.
     load_weights_only: bool = False
+    # Save when the run ends or is stopped (SIGTERM, train.stop_after).
     save_on_exit: bool = True
 
 
 @dataclass
 class EvalSection:
+    # Validate every this many iterations (0: only at the end).
     interval: int = 0
+    # Global batches of the validation split per evaluation (the same rows each time).
     iters: int = 2
+    # Inference modes to validate in (sparse and/or full), comma-separated on the command line.
     modes: list[str] = field(default_factory=lambda: ["sparse", "full"])
+    # Also measure attention sparsity (the paper's Definition 1) per mode.
     sparsity: bool = True
+    # Validate after the last iteration.
     at_end: bool = True
 
 
 @dataclass
 class LoggingSection:
+    # Log training metrics every this many iterations.
     interval: int = 1
+    # TensorBoard event directory (None: no TensorBoard).
     tensorboard_dir: str | None = None
+    # Weights & Biases project to log to from rank 0 (None: no wandb; needs the wandb package and a
+    # login, e.g. WANDB_API_KEY); the resolved config is logged with the run.
     wandb_project: str | None = None
     # "auto": a progress bar on an interactive terminal, plain lines otherwise.
     progress: str = "auto"
@@ -220,15 +252,18 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # YAML 1.1 reads "3e-4" (no dot) as a string.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}={value!r} is not a finite number; give a finite value")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value
@@ -296,8 +331,62 @@ def parse_args_and_overrides(
         parser.error(f"unrecognized arguments: {err}")
 
 
-def load_config(path: str | Path | None, overrides: list[tuple[str, str, str]] | None = None) -> TrainConfig:
-    """Read a YAML config, apply overrides (raw strings parsed as YAML scalars) and validate the result."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, but a key given twice in one mapping is an error (SafeLoader keeps the last,
+    silently dropping the first value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # SafeLoader reports unhashable keys itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error (its own message spans several, with a copy of the text)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> Python value (duplicate keys refused); errors as one-line ``ConfigError``."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: invalid YAML: {_yaml_problem(err)}; fix the YAML") from None
+
+
+def _override_value(section: str, key: str, raw: str) -> Any:
+    if raw == "":
+        return ""
+    try:
+        return yaml.load(raw, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"command line: --{section}.{key} {raw!r} is not a valid YAML value ({_yaml_problem(err)}); "
+            "quote it or fix it"
+        ) from None
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: list[tuple[str, str, str]] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> TrainConfig:
+    """Read a YAML config, apply overrides (raw strings parsed as YAML values), resolve ``${section.key}``
+    references and validate the result. Warnings (a valid but likely unintended setting) go to ``warn``,
+    one line each (default: stderr)."""
     cfg = TrainConfig()
     if path is not None:
         path = Path(path)
@@ -306,7 +395,14 @@ def load_config(path: str | Path | None, overrides: list[tuple[str, str, str]] |
                 f"config file {str(path)!r} does not exist; pass an existing YAML, e.g. "
                 "examples/tiny_cpu.yaml"
             )
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+            raise ConfigError(
+                f"config file {str(path)!r} cannot be read ({reason}); pass a readable YAML"
+            ) from None
+        data = parse_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(
                 f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
@@ -317,16 +413,32 @@ def load_config(path: str | Path | None, overrides: list[tuple[str, str, str]] |
                     f"{path}: unknown config section {section!r}; valid sections: "
                     f"{', '.join(_section_types())}"
                 )
+            if values is None:
+                continue  # an empty section keeps its defaults
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: section {section!r} must be a mapping of key: value")
             for key, value in values.items():
                 _apply(cfg, section, key, value, str(path))
     for section, key, raw in overrides or []:
-        value = yaml.safe_load(raw) if raw != "" else ""
-        _apply(cfg, section, key, value, "command line")
+        _apply(cfg, section, key, _override_value(section, key, raw), "command line")
     _interpolate(cfg)
     validate_static(cfg)
+    for line in config_warnings(cfg):
+        if warn is None:
+            print(f"config warning: {line}", file=sys.stderr)
+        else:
+            warn(line)
     return cfg
+
+
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """Valid settings that are likely unintended (one line each)."""
+    out = []
+    sparse_eval = "sparse" in cfg.eval.modes or cfg.model.inference_mode == "sparse"
+    budget = check_block_budget(cfg.model, cfg.data.seq_length)
+    if budget is not None and sparse_eval:
+        out.append(budget)
+    return out
 
 
 _REF = re.compile(r"\$\{([a-z_]+)\.([a-z_]+)\}")
@@ -340,7 +452,10 @@ def _interpolate(cfg: TrainConfig) -> None:
         section, key = match.group(1), match.group(2)
         sec = getattr(cfg, section, None)
         if sec is None or not hasattr(sec, key):
-            raise ConfigError(f"reference ${{{section}.{key}}} names no config key")
+            raise ConfigError(
+                f"reference ${{{section}.{key}}} names no config key; refer to an existing key, e.g. "
+                "${model.attention_mode}"
+            )
         value = getattr(sec, key)
         if isinstance(value, str) and _REF.search(value):
             raise ConfigError(
@@ -370,37 +485,25 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _check_finite(value: Any, where: str) -> None:
+    """No nan/inf anywhere, nested values (e.g. data.streams entries) included."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}={value} is not a finite number; give a finite value")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
+
+
 def validate_static(cfg: TrainConfig) -> None:
     """Checks that need no knowledge of the world size."""
     m, t, p, o, d = cfg.model, cfg.train, cfg.parallel, cfg.optim, cfg.data
-    _check(
-        m.attention_mode in ATTENTION_MODES,
-        f"model.attention_mode={m.attention_mode!r}; choose one of {', '.join(ATTENTION_MODES)}",
-    )
-    for name in (
-        "num_layers",
-        "hidden_size",
-        "ffn_hidden_size",
-        "num_attention_heads",
-        "num_query_groups",
-        "block_size",
-        "block_count",
-    ):
-        _check(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive")
-    _check(
-        m.num_attention_heads % m.num_query_groups == 0,
-        f"model.num_attention_heads={m.num_attention_heads} is not a multiple of "
-        f"model.num_query_groups={m.num_query_groups}; pick a divisor of the head count",
-    )
-    if m.kv_channels is None:
-        _check(
-            m.hidden_size % m.num_attention_heads == 0,
-            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
-            f"{m.num_attention_heads}; set model.kv_channels explicitly or change the head count",
-        )
-    _check(0.0 <= m.p_full <= 1.0, f"model.p_full={m.p_full} must lie in [0, 1]")
-    _check(m.alignment_weight >= 0, f"model.alignment_weight={m.alignment_weight} must be >= 0")
+    _check_finite(cfg.to_dict(), "")
+    m.validate()
     _check(d.seq_length > 0, f"data.seq_length={d.seq_length} must be positive")
+    check_block_budget(m, d.seq_length)
     _check(
         bool(d.path) or bool(d.streams),
         "data.path is empty; set it to the MDS shard directory (or use data.build_demo: true)",
@@ -449,10 +552,10 @@ def validate_static(cfg: TrainConfig) -> None:
             f"train.stop_after={t.stop_after} must lie in [1, train.train_iters={t.train_iters}]",
         )
     _check(
-        t.precision in ("bf16", "fp16", "fp32"), f"train.precision={t.precision!r}; choose bf16, fp16 or fp32"
+        t.precision in PRECISIONS, f"train.precision={t.precision!r}; choose bf16, fp16 or fp32"
     )
     _check(
-        t.recompute in ("none", "full"),
+        t.recompute in RECOMPUTE,
         f"train.recompute={t.recompute!r}; choose none or full (whole-layer recomputation; selective "
         "recompute of the SSA core attention is not supported)",
     )
@@ -536,3 +639,87 @@ def warmup_iters(cfg: TrainConfig) -> int:
     if cfg.optim.warmup_iters is not None:
         return cfg.optim.warmup_iters
     return round(cfg.optim.warmup_fraction * cfg.train.train_iters)
+
+
+def transformer_config_of(cfg: TrainConfig, device: Any, recompute: str | None = None) -> Any:
+    """megatron's ``SSATransformerConfig`` of a training config on ``device`` (a ``torch.device``):
+    ``ssa_megatron.model.config.transformer_config`` with this config's layout, precision and seed.
+    ``recompute`` replaces ``train.recompute`` (inference builds without recomputation)."""
+    from ssa_megatron.model.config import transformer_config
+
+    p, t = cfg.parallel, cfg.train
+    return transformer_config(
+        cfg.model,
+        tensor=p.tensor,
+        pipeline=p.pipeline,
+        virtual_pipeline=p.virtual_pipeline,
+        context=p.context,
+        sequence_parallel=p.sequence_parallel,
+        precision=t.precision,
+        recompute=t.recompute if recompute is None else recompute,
+        cpu_initialization=device.type == "cpu",
+        mode_seed=t.seed,
+    )
+
+
+# --- help ---------------------------------------------------------------------------------------------
+
+_FIELD_LINE = re.compile(r"^    ([A-Za-z_]\w*)\s*:")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's help: the comment lines right above it in the dataclass's source, joined into one
+    line (the source is the one place a key is described)."""
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        if line.startswith("    #"):
+            pending.append(line.strip().lstrip("#").strip())
+            continue
+        match = _FIELD_LINE.match(line)
+        if match:
+            comments[match.group(1)] = " ".join(pending)
+        pending = []
+    return comments
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return "|".join(_type_name(a) for a in inner) + "|null"
+    if origin is list:
+        return f"LIST[{_type_name(typing.get_args(annotation)[0])}]"
+    if annotation is dict or origin is dict:
+        return "MAPPING"
+    return {int: "INT", float: "FLOAT", str: "STR", bool: "BOOL"}.get(annotation, str(annotation))
+
+
+def yaml_value(value: Any) -> str:
+    """A value as it would be written in the YAML config."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
+
+
+def config_help(width: int = 100) -> str:
+    """Every config key as ``--section.key TYPE (default: D)`` with its comment, section by section."""
+    defaults = TrainConfig()
+    lines = [
+        "config keys: any of them can be set in the YAML file (section: {key: value}) or overridden with",
+        "--section.key VALUE (VALUE is read as YAML; lists also comma-separated). A string value may refer",
+        "to another key as ${section.key}, replaced after the overrides, e.g.",
+        "--checkpoint.dir runs/${model.attention_mode}. --print-config shows the result.",
+    ]
+    for name, section_type in _section_types().items():
+        lines.append("")
+        lines.append(f"{name}:")
+        hints = typing.get_type_hints(section_type)
+        comments = field_comments(section_type)
+        section = getattr(defaults, name)
+        for f in dataclasses.fields(section_type):
+            default = yaml_value(getattr(section, f.name))
+            lines.append(f"  --{name}.{f.name} {_type_name(hints[f.name])} (default: {default})")
+            comment = comments.get(f.name, "")
+            if comment:
+                lines.extend(textwrap.wrap(comment, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(lines)

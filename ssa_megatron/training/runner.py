@@ -79,46 +79,9 @@ def prepare_data(cfg: TrainConfig, env: LaunchEnv) -> Any:
 
 
 def model_config(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Any:
-    from ssa_megatron.model.config import llama_block_config
+    from ssa_megatron.training.config import transformer_config_of
 
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
-    recompute = {
-        "none": {},
-        "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
-    }[t.recompute]
-    return llama_block_config(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        ffn_hidden_size=m.ffn_hidden_size,
-        num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups,
-        kv_channels=m.kv_channels or m.hidden_size // m.num_attention_heads,
-        init_method_std=m.init_method_std,
-        layernorm_epsilon=m.norm_epsilon,
-        tensor_model_parallel_size=p.tensor,
-        pipeline_model_parallel_size=p.pipeline,
-        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
-        context_parallel_size=p.context,
-        sequence_parallel=p.sequence_parallel,
-        bf16=t.precision == "bf16",
-        fp16=t.precision == "fp16",
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        use_cpu_initialization=device.type == "cpu",
-        attention_mode=m.attention_mode,
-        block_size=m.block_size,
-        block_count=m.block_count,
-        p_full=m.p_full,
-        alignment_weight=m.alignment_weight,
-        alignment_loss=m.alignment_loss,
-        inference_block_count=m.inference_block_count,
-        document_causal=m.document_causal,
-        mode_seed=t.seed,
-        rotary_base=m.rotary_base,
-        kernel_backend=m.kernel_backend,
-        **recompute,
-    )
+    return transformer_config_of(cfg, device)
 
 
 def _build_model(cfg: TrainConfig, config: Any, vocab_size: int) -> list[torch.nn.Module]:
