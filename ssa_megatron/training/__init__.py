@@ -28,6 +28,7 @@ def main_run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     each with one clear line."""
     import torch.distributed as dist
 
+    from ssa_megatron.data.loader import DataError
     from ssa_megatron.training.checkpoint import CheckpointError
     from ssa_megatron.training.launch import detect_launch
     from ssa_megatron.training.loop import NonFiniteError
@@ -38,6 +39,10 @@ def main_run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     except ConfigError as err:
         # Also layout errors only knowable with the world size: a usage error, like argparse's.
         print(f"pretrain_ssa.py: config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        # A damaged or unreadable shard: the message names the file (and row); fix the data, rerun.
+        print(f"pretrain_ssa.py: data error: {err}", file=sys.stderr)
         return 2
     except (CheckpointError, NonFiniteError) as err:
         print(f"pretrain_ssa.py: {type(err).__name__}: {err}", file=sys.stderr)

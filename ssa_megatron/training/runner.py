@@ -62,12 +62,13 @@ def prepare_data(cfg: TrainConfig, env: LaunchEnv) -> Any:
                 print(f"built the demo corpus, tokenizer and MDS shards in {root}", flush=True)
         if dist.is_initialized():
             dist.barrier()
-    if not (root / "train" / "index.json").exists():
-        raise ConfigError(
-            f"data.path={d.path!r} has no train/index.json: point it at a directory written by "
-            "tools/prepare_data.py (train/ and val/ MDS splits), or set data.build_demo=true for the "
-            "demo corpus"
-        )
+    from ssa_megatron.data.preflight import PreflightError, preflight
+
+    try:
+        preflight(d, seq_len=d.seq_length, seed=cfg.train.seed, run_dir=cfg.checkpoint.dir, rank=env.rank,
+                  local_rank=env.local_rank, log=lambda line: print(line, flush=True))
+    except PreflightError as err:
+        raise ConfigError(str(err)) from None
     tokenizer_path = d.tokenizer or str(root / "tokenizer.model")
     if not Path(tokenizer_path).exists():
         raise ConfigError(
@@ -120,16 +121,10 @@ def build_engine(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Any
     return MegatronEngine(cfg, model, optimizer, build_scheduler(cfg, optimizer), device)
 
 
-def _data_config(cfg: TrainConfig) -> dict[str, Any]:
-    root = cfg.data.path.rstrip("/")
-    data: dict[str, Any] = {
-        "train": [root + "/train"],
-        "seed": cfg.train.seed,
-        "num_workers": cfg.data.num_workers,
-    }
-    if (Path(root) / "val" / "index.json").exists():
-        data["valid"] = [root + "/val"]
-    return data
+def _data_config(cfg: TrainConfig) -> Any:
+    from ssa_megatron.data.sources import data_config
+
+    return data_config(cfg.data, seed=cfg.train.seed, run_dir=cfg.checkpoint.dir)
 
 
 def run(cfg: TrainConfig, env: LaunchEnv | None = None, stream: TextIO | None = None) -> RunResult:
