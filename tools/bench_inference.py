@@ -2,7 +2,7 @@
 
     python tools/bench_inference.py --config examples/ssa_1b_8k.yaml --seq-lens 32768 65536 131072
 
-The model is the training stack's own (`runner.model_config` + `build_model`, bf16, eval mode);
+The model is the training stack's own (`transformer_config_of` + `build_model`, bf16, eval mode);
 prefill here is the embedding and every transformer layer over the prompt (what fills the KV
 cache). The output layer is left out: generation needs the last position's logits only, and
 full-vocabulary logits for every prompt position are not part of prefill. Each mode is timed in
@@ -62,16 +62,14 @@ def build_prefill_model(args: argparse.Namespace, overrides: list, device: Any) 
 
     from ssa_megatron.model.gpt import build_model
     from ssa_megatron.parallel.state import initialize_parallel
-    from ssa_megatron.training.config import load_config
-    from ssa_megatron.training.runner import model_config
+    from ssa_megatron.training.config import load_config, transformer_config_of
 
     longest = max(args.seq_lens)
     cfg = load_config(args.config, [*overrides, ("data", "seq_length", str(longest))])
     vocab = cfg.model.vocab_size or args.vocab_size
     initialize_parallel(1, 1, 1, seed=cfg.train.seed)
-    config = model_config(cfg, vocab, device)
     # No activation recomputation at inference (it would only re-run forward work under no_grad).
-    config.recompute_granularity = None
+    config = transformer_config_of(cfg, device, recompute="none")
     model = build_model(config, vocab, longest, post_process=False)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return model.to(device=device, dtype=dtype).eval(), vocab
@@ -89,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ssa_megatron.benchmarking import cuda_time_ms, environment, kernel_profile, write_result
+    from ssa_megatron.model.mode import override_mode
     from ssa_megatron.training.launch import detect_launch, init_distributed, resolve_device
 
     device = resolve_device("auto")
@@ -103,14 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         positions = torch.arange(t, device=device)[None]
         row: dict[str, Any] = {"T": t}
         for mode in ("full", "sparse"):
-            model.config.inference_mode = mode
-
             prefill = partial(run_prefill, model, tokens, positions)
-            row[f"{mode}_ms"] = cuda_time_ms(prefill, args.reps, args.warmup)
-            if args.profile:
-                profile = kernel_profile(prefill, steps=1, top=10_000)
-                row[f"{mode}_attention_ms"] = attention_ms(profile)
-                row[f"{mode}_busy_ms"] = profile["device_busy_ms"]
+            with override_mode(model, inference_mode=mode):
+                row[f"{mode}_ms"] = cuda_time_ms(prefill, args.reps, args.warmup)
+                if args.profile:
+                    profile = kernel_profile(prefill, steps=1, top=10_000)
+                    row[f"{mode}_attention_ms"] = attention_ms(profile)
+                    row[f"{mode}_busy_ms"] = profile["device_busy_ms"]
         row["speedup"] = row["full_ms"] / row["sparse_ms"]
         if args.profile:
             # Everything but attention runs in both modes alike: with attention free, sparse prefill would

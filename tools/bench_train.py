@@ -86,8 +86,9 @@ def bench_modes(
 ) -> dict[str, dict[str, Any]]:
     """One engine, every mode timed on it in turns (see ``interleaved_cuda_times_ms``).
 
-    The modes differ only in ``attention_mode``, which the layers read at run time (the parameters are
-    the same), so one engine serves them all, and with a step of each mode in turn every mode sees the
+    The modes differ only in ``attention_mode``, which each call names for its own forwards
+    (``override_mode``; the parameters are the same and the shared config is left alone), so one engine
+    serves them all, and with a step of each mode in turn every mode sees the
     same GPU temperature and clocks. Timed one after the other, the later mode took the drift: in one
     H200 run, ssa's step times rose from 236 to 254 ms over its eight steps, while full's, timed
     before, stayed within 209-216 ms.
@@ -95,10 +96,11 @@ def bench_modes(
     import torch
 
     from ssa_megatron.benchmarking import interleaved_cuda_times_ms, kernel_profile
+    from ssa_megatron.model.mode import override_mode, planned_modes
     from ssa_megatron.training.config import data_parallel_size, load_config
     from ssa_megatron.training.flops import training_flops_per_sequence
     from ssa_megatron.training.gc_schedule import ScheduledGC
-    from ssa_megatron.training.loop import drawn_modes, train_step
+    from ssa_megatron.training.loop import train_step
     from ssa_megatron.training.runner import build_engine
 
     base = load_config(args.config, overrides)
@@ -117,15 +119,16 @@ def bench_modes(
 
     def run_as(mode: str, with_optimizer: bool) -> Callable[[], None]:
         def run() -> None:
-            engine.model_config.attention_mode = mode
             iteration[0] += 1
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats()
-            if with_optimizer:
-                step_draws[mode].append(drawn_modes(engine.model_config, iteration[0], args.accum))
-                train_step(engine, iteration[0], batches)
-            else:
-                engine.forward_backward(iteration[0], batches, forward_only=False)
+            with override_mode(engine.model, attention_mode=mode) as override:
+                if with_optimizer:
+                    draws = planned_modes(engine.model_config, iteration[0], args.accum, override)
+                    step_draws[mode].append(draws)
+                    train_step(engine, iteration[0], batches)
+                else:
+                    engine.forward_backward(iteration[0], batches, forward_only=False)
             if on_gpu:
                 peaks[mode].append(torch.cuda.max_memory_allocated() / 2**30)
             collector.step(iteration[0])

@@ -1,8 +1,8 @@
 """Validation during training: loss/perplexity under sparse and full inference, and attention sparsity.
 
-The model's eval mode runs the branch named by `config.inference_mode` (SSATransformerConfig);
-the same validation rows are scored in each mode, so the numbers are comparable across modes
-and across evaluations.
+Each evaluation names its mode explicitly (`override_mode` on the engine's model chunks); the
+shared model config is never edited. The same validation rows are scored in each mode, so the
+numbers are comparable across modes and across evaluations.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ssa_megatron.model.mode import override_mode
 from ssa_megatron.training.loop import Batch, _reduce_ce, ssa_step_metrics
 
 
@@ -38,18 +39,16 @@ def validation_batches(
 def evaluate(engine: Any, batches: list[list[Batch]], mode: str) -> dict[str, float]:
     """Mean token CE and perplexity of `batches` with the model in eval mode running `mode`."""
     config = engine.model_config
-    previous = config.inference_mode
-    config.inference_mode = mode
     engine.eval_mode(True)
     total, count = 0.0, 0.0
     try:
-        for global_batch in batches:
-            store = engine.forward_backward(0, global_batch, forward_only=True)
-            s, c = _reduce_ce(store)
-            total += s
-            count += c
+        with override_mode(engine.model, inference_mode=mode):
+            for global_batch in batches:
+                store = engine.forward_backward(0, global_batch, forward_only=True)
+                s, c = _reduce_ce(store)
+                total += s
+                count += c
     finally:
-        config.inference_mode = previous
         engine.eval_mode(False)
     # Eval forwards may record stats of their own; they must not leak into the next training step.
     ssa_step_metrics(config)
@@ -67,11 +66,7 @@ def attention_sparsity(engine: Any, batches: list[Batch], mode: str) -> float | 
     ("full run") or 0 ("sparse run"), for any trained attention_mode.
     """
     config = engine.model_config
-    saved = (config.attention_mode, config.p_full)
     ssa_step_metrics(config)
-    config.attention_mode, config.p_full = "ssa", 1.0 if mode == "full" else 0.0
-    try:
+    with override_mode(engine.model, attention_mode="ssa", p_full=1.0 if mode == "full" else 0.0):
         engine.forward_backward(0, batches, forward_only=True)
-    finally:
-        config.attention_mode, config.p_full = saved
     return ssa_step_metrics(config).get("sparsity")
