@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", help="tokenizer.json or sentencepiece .model (default: the one in --checkpoint)"
     )
     p.add_argument("--out", default="eval_results", help="output directory (default: %(default)s)")
+    p.add_argument(
+        "--run-name",
+        help="run name in the report and in tools/compare_runs.py (default: the checkpoint's folder)",
+    )
     p.add_argument("--seq-len", type=int, help="window length (default: the model's training length)")
     p.add_argument(
         "--max-windows", type=int, default=16, help="windows per measurement (default: %(default)s)"
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from ssa_megatron.evaluation.compare import describe_checkpoint
     from ssa_megatron.evaluation.data import load_mds_batches, load_token_stream, mds_split_dir
     from ssa_megatron.evaluation.loading import find_tokenizer_file, load_eval_tokenizer, load_model
     from ssa_megatron.evaluation.runner import EvalOptions, run_evaluation
@@ -118,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     results = run_evaluation(
-        model, stream, options, args.out, encode=tokenizer.encode if tokenizer else None, batches=batches
+        model,
+        stream,
+        options,
+        args.out,
+        encode=tokenizer.encode if tokenizer else None,
+        batches=batches,
+        checkpoint=describe_checkpoint(args.checkpoint, args.run_name),
     )
     for mode, res in results["perplexity"].items():
         att = res["attention"]["mean"]

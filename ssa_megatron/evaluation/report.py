@@ -24,7 +24,13 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def to_markdown(results: dict[str, Any]) -> str:
     """Human-readable tables of every stage present in ``results``."""
-    parts = ["# SSA evaluation", ""]
+    ck = results.get("checkpoint")
+    parts = ["# SSA evaluation" + (f": {_label(results)}" if ck else ""), ""]
+    if ck:
+        parts += [
+            f"Checkpoint: `{ck.get('path')}` (run `{ck.get('run')}`, iteration {ck.get('iteration')})",
+            "",
+        ]
     settings = results.get("settings", {})
     if settings:
         parts += [_table(["setting", "value"], [[k, json.dumps(v)] for k, v in settings.items()]), ""]
@@ -115,6 +121,19 @@ def to_markdown(results: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _label(results: dict[str, Any]) -> str:
+    """``run @ iteration`` of the evaluated checkpoint, or "" when the results do not name one."""
+    ck = results.get("checkpoint")
+    if not ck:
+        return ""
+    it = ck.get("iteration")
+    return f"{ck.get('run')} @ {it if it is not None else '?'}"
+
+
+def _titled(title: str, label: str) -> str:
+    return f"{title}\n{label}" if label else title
+
+
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -131,36 +150,46 @@ def _log_axis_at(ax: Any, values: list[int]) -> None:
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
 
 
-def plot_budget_sweep(sweep: dict[str, Any], path: Path) -> Path:
+def plot_budget_sweep(sweep: dict[str, Any], path: Path, label: str = "") -> Path:
     rf = [r["receptive_field"] for r in sweep["rows"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(rf, [r["ppl_sparse"] for r in sweep["rows"]], "o-", label="sparse")
     ax1.axhline(sweep["ppl_full"], color="gray", linestyle="--", label="full attention")
-    ax1.set(xlabel="receptive field (tokens)", ylabel="perplexity", title="Perplexity vs budget")
+    ax1.set(
+        xlabel="receptive field (tokens)", ylabel="perplexity", title=_titled("Perplexity vs budget", label)
+    )
     ax1.legend()
     ax2.plot(rf, [r["sparsity"] for r in sweep["rows"]], "o-")
     ax2.set(
         xlabel="receptive field (tokens)",
         ylabel="attention sparsity",
         ylim=(0, 1.02),
-        title="Full-attention mass inside selected blocks",
+        title=_titled("Full-attention mass inside selected blocks", label),
     )
     for ax in (ax1, ax2):
         _log_axis_at(ax, rf)
     return _save(fig, path)
 
 
-def plot_layer_sparsity(ppl: dict[str, Any], path: Path) -> Path:
+def plot_layer_sparsity(ppl: dict[str, Any], path: Path, label: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode, res in ppl.items():
         layers = res.get("attention", {}).get("per_layer", [])
-        ax.plot([r["layer"] for r in layers], [r["sparsity"] for r in layers], "o-", label=f"{mode} run")
-    ax.set(xlabel="layer", ylabel="attention sparsity", ylim=(0, 1.02), title="Attention sparsity per layer")
+        ax.plot(
+            [r["layer"] for r in layers], [r["sparsity"] for r in layers], "o-", label=f"{mode} inference"
+        )
+    ax.set(
+        xlabel="layer",
+        ylabel="attention sparsity",
+        ylim=(0, 1.02),
+        title=_titled("Attention sparsity per layer", label),
+    )
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.legend()
     return _save(fig, path)
 
 
-def plot_extrapolation(ext: dict[str, Any], path: Path) -> Path:
+def plot_extrapolation(ext: dict[str, Any], path: Path, label: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in sorted({r["mode"] for r in ext["rows"]}):
         rows = [r for r in ext["rows"] if r["mode"] == mode]
@@ -168,14 +197,14 @@ def plot_extrapolation(ext: dict[str, Any], path: Path) -> Path:
     ax.set(
         xlabel="sequence length",
         ylabel="perplexity",
-        title=f"Extrapolation (RoPE scaling: {ext['rope_scaling']})",
+        title=_titled(f"Extrapolation (RoPE scaling: {ext['rope_scaling']})", label),
     )
     _log_axis_at(ax, [r["length"] for r in ext["rows"]])
     ax.legend()
     return _save(fig, path)
 
 
-def plot_passkey(pk: dict[str, Any], path: Path) -> Path:
+def plot_passkey(pk: dict[str, Any], path: Path, label: str = "") -> Path:
     modes = sorted({r["mode"] for r in pk["rows"]})
     lengths = sorted({r["length"] for r in pk["rows"]})
     depths = sorted({r["depth"] for r in pk["rows"]})
@@ -191,7 +220,7 @@ def plot_passkey(pk: dict[str, Any], path: Path) -> Path:
             yticklabels=depths,
             xlabel="length",
             ylabel="depth",
-            title=f"passkey accuracy ({mode})",
+            title=_titled(f"passkey accuracy ({mode})", label),
         )
         fig.colorbar(im, ax=ax)
     return _save(fig, path)
@@ -204,12 +233,19 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, str]
     paths = {"json": out / "results.json", "markdown": out / "report.md"}
     paths["json"].write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     paths["markdown"].write_text(to_markdown(results), encoding="utf-8")
+    label = _label(results)
     if results.get("budget_sweep"):
-        paths["budget_sweep_png"] = plot_budget_sweep(results["budget_sweep"], out / "budget_sweep.png")
+        paths["budget_sweep_png"] = plot_budget_sweep(
+            results["budget_sweep"], out / "budget_sweep.png", label
+        )
     if results.get("perplexity") and any("attention" in r for r in results["perplexity"].values()):
-        paths["layer_sparsity_png"] = plot_layer_sparsity(results["perplexity"], out / "layer_sparsity.png")
+        paths["layer_sparsity_png"] = plot_layer_sparsity(
+            results["perplexity"], out / "layer_sparsity.png", label
+        )
     if results.get("extrapolation", {}).get("rows"):
-        paths["extrapolation_png"] = plot_extrapolation(results["extrapolation"], out / "extrapolation.png")
+        paths["extrapolation_png"] = plot_extrapolation(
+            results["extrapolation"], out / "extrapolation.png", label
+        )
     if results.get("passkey"):
-        paths["passkey_png"] = plot_passkey(results["passkey"], out / "passkey.png")
+        paths["passkey_png"] = plot_passkey(results["passkey"], out / "passkey.png", label)
     return {k: str(v) for k, v in paths.items()}

@@ -43,13 +43,16 @@ def run_evaluation(
     *,
     encode: Callable[[str], list[int]] | None = None,
     batches: Sequence[Batch] | None = None,
+    checkpoint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Perplexity + attention statistics (sparse and full), budget sweep, extrapolation and (given a
     tokenizer ``encode`` and passkey lengths) passkey retrieval; writes results.json, report.md and PNGs.
 
     ``batches`` (e.g. the packed validation rows, whose RoPE positions restart at document starts as in
     training validation) replace the windows cut from ``stream`` for perplexity, attention statistics and
-    the budget sweep; extrapolation always cuts its longer windows from ``stream``."""
+    the budget sweep; extrapolation always cuts its longer windows from ``stream``. ``checkpoint`` (see
+    ``compare.describe_checkpoint``: run name, path, iteration) labels the report, its plots and
+    tools/compare_runs.py's tables."""
     config = model.config
     check_vocab(stream, config.vocab_size, "validation data")
     seq_len = options.seq_len or int(config.train_seq_length)
@@ -60,6 +63,8 @@ def run_evaluation(
     settings = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(options).items()}
     settings.update(seq_len=seq_len, block_size=config.block_size, default_block_count=config.block_count)
     results: dict[str, Any] = {"settings": settings, "perplexity": {}}
+    if checkpoint is not None:
+        results = {"checkpoint": checkpoint, **results}
     for mode in ("sparse", "full"):
         results["perplexity"][mode] = evaluate_batches(
             model,
