@@ -15,19 +15,35 @@ Layout of `checkpoint.dir`:
         train_state.pt        iteration, LR scheduler, resolved config (rank 0)
         rank_00003.pt         per-rank RNG states and data-loader state
         config.yaml           the resolved config, human readable
-        complete.json         written last: iteration and the parallel layout that saved it
+        complete.json         written last: iteration, the parallel layout and the embedding shape
 
-Everything is written into `iter_<7-digit iteration>.partial/`, which rank 0 renames once every rank is
-done; only then is `latest` replaced (write-to-temp + os.replace). A save interrupted at
-any point therefore leaves the previous checkpoint and `latest` untouched.
+Both .pt files hold tensors and plain Python values only and are read with
+`torch.load(weights_only=True)`: loading them cannot run code. (The `.metadata` files of the
+dist_checkpointing directories are pickles that torch reads with `pickle.load`; see the README's
+"Running for real" section: such checkpoints must come from a trusted source.)
+
+The save protocol (rank 0 publishes once every rank has written its part), each step durable
+(fsync) before the next:
+
+    1. every file into `iter_N.partial/`, then complete.json;
+    2. an existing `iter_N` (re-saving an iteration) is renamed to `iter_N.old`;
+    3. `iter_N.partial` is renamed to `iter_N`;
+    4. `latest` is replaced through `latest.tmp` + os.replace;
+    5. `iter_N.old` is removed.
+
+A kill at any point leaves either `latest` naming a complete checkpoint, or (between 2 and 3)
+`iter_N.old` to be renamed back; `recover()` at start-up finishes or undoes what a killed save
+left, so what `latest` names is always complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +59,12 @@ from ssa_megatron.training.optim import restore_adam_steps
 
 LATEST = "latest"
 COMPLETE = "complete.json"
+PARTIAL = ".partial"
+ASIDE = ".old"
+
+# Fault injection for the tests of the save protocol: the process SIGKILLs itself at the named step.
+FAULT_ENV = "SSA_MEGATRON_FAULT_AT"
+FAULT_POINTS = ("written", "synced", "old_aside", "new_in", "latest_tmp", "latest", "old_removed")
 
 # megatron 0.16.1's default layout for the distributed optimizer ("fully_sharded_model_space") builds
 # ShardedTensors with flattened_range, which its own dist_checkpointing then refuses (seen on the GPU);
@@ -93,9 +115,18 @@ def _layout() -> dict[str, int]:
 
 
 def _rng_state() -> dict[str, Any]:
+    # Tensors and plain values only, so that the file loads with weights_only=True.
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
@@ -105,12 +136,128 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _fault(point: str) -> None:
+    """SIGKILL this process at `point` of the save protocol when the fault-injection variable names it."""
+    if os.environ.get(FAULT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Make every file and directory entry below `root` durable (a rename is only as safe as its inputs)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def embedding_shape(model: list[torch.nn.Module]) -> list[int] | None:
+    """Global [vocab, hidden] of the word embedding, from the chunk that holds it (None: not on this rank).
+
+    megatron loads the embedding with allow_shape_mismatch (vocab padding), which zero-pads a
+    checkpoint of another vocabulary without a word; complete.json records the shape to refuse that.
+    """
+    for chunk in model:
+        sd = _unwrap(chunk).sharded_state_dict()
+        tensor = sd.get("embedding.word_embeddings.weight")
+        if tensor is not None and hasattr(tensor, "global_shape"):
+            return [int(x) for x in tensor.global_shape]
+    return None
+
+
+def publish(root: Path, tmp: Path, final: Path) -> None:
+    """Steps 2-5 of the save protocol (module docstring), on one process; `tmp` holds a complete save."""
+    _fsync_tree(tmp)
+    _fault("synced")
+    aside = root / (final.name + ASIDE)
+    if final.exists():
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+        _fsync_path(root)
+        _fault("old_aside")
+    os.replace(tmp, final)
+    _fsync_path(root)
+    _fault("new_in")
+    pointer = root / (LATEST + ".tmp")
+    with open(pointer, "w") as f:
+        f.write(final.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fault("latest_tmp")
+    os.replace(pointer, root / LATEST)
+    _fsync_path(root)
+    _fault("latest")
+    if aside.exists():
+        shutil.rmtree(aside)
+    _fault("old_removed")
+
+
+def recover(ckpt_dir: str | Path) -> list[str]:
+    """Finish or undo what a killed save left in `ckpt_dir` (rank 0, before anyone reads it).
+
+    Returns one line per action. `iter_N.partial` was never published and is removed; `iter_N.old`
+    is removed when a complete `iter_N` replaced it, else renamed back (the kill came between steps
+    2 and 3, and `latest` may name it); a stray `latest.tmp` is removed.
+    """
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    actions = []
+    for path in sorted(root.iterdir()):
+        if not path.name.startswith("iter_"):
+            continue
+        if path.name.endswith(PARTIAL):
+            shutil.rmtree(path)
+            actions.append(f"removed {path.name} (a save that was interrupted before it was published)")
+        elif path.name.endswith(ASIDE):
+            final = root / path.name[: -len(ASIDE)]
+            if (final / COMPLETE).exists():
+                shutil.rmtree(path)
+                actions.append(f"removed {path.name} ({final.name} was re-saved completely)")
+            else:
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(path, final)
+                actions.append(f"restored {final.name} from {path.name} (its re-save was interrupted)")
+    stray = root / (LATEST + ".tmp")
+    if stray.exists():
+        stray.unlink()
+        actions.append(f"removed {stray.name}")
+    if actions:
+        _fsync_path(root)
+    return actions
+
+
+def holds_checkpoints(ckpt_dir: str | Path) -> bool:
+    """Whether `ckpt_dir` holds a run's checkpoints (a `latest` pointer or a published iter_* directory)."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return False
+    if (root / LATEST).exists():
+        return True
+    return any(
+        p.is_dir() and p.name.startswith("iter_") and not p.name.endswith((PARTIAL, ASIDE))
+        for p in root.iterdir()
+    )
 
 
 def save_checkpoint(
@@ -123,10 +270,10 @@ def save_checkpoint(
     config: dict[str, Any],
     config_yaml: str,
 ) -> Path:
-    """Save on every rank (collective); returns the published directory."""
+    """Save on every rank (collective); returns the published directory. See the module docstring."""
     root = Path(ckpt_dir)
     final = root / iter_name(iteration)
-    tmp = root / (iter_name(iteration) + ".partial")
+    tmp = root / (iter_name(iteration) + PARTIAL)
     rank = dist.get_rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -158,13 +305,10 @@ def save_checkpoint(
         (tmp / "config.yaml").write_text(config_yaml)
     dist.barrier()
     if rank == 0:
-        (tmp / COMPLETE).write_text(json.dumps({"iteration": iteration, **_layout()}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / (LATEST + ".tmp")
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / LATEST)
+        _fault("written")
+        meta = {"iteration": iteration, **_layout(), "embedding_shape": embedding_shape(model)}
+        (tmp / COMPLETE).write_text(json.dumps(meta))
+        publish(root, tmp, final)
     dist.barrier()
     return final
 
@@ -229,16 +373,46 @@ def _torch_load(path: Path, what: str) -> Any:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path.parent}: {what} file {path.name} is missing")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint {path.parent}: {path.name} holds objects other than tensors and plain values; it "
+            "was not written by this trainer and is refused (loading it could run code). Use a checkpoint "
+            "from a trusted source"
+        ) from err
     except Exception as err:
         raise CheckpointError(
             f"checkpoint {path.parent}: {path.name} is unreadable ({err}); it is damaged"
         ) from err
 
 
+def _check_embedding(path: Path, meta: dict[str, Any], model: list[torch.nn.Module]) -> None:
+    """Refuse a checkpoint whose embedding has another shape (decided on every rank together)."""
+    saved, mine = meta.get("embedding_shape"), embedding_shape(model)
+    bad = saved is not None and mine is not None and list(saved) != mine
+    flag = torch.tensor([1.0 if bad else 0.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from ssa_megatron.parallel.state import collective_device
+
+        flag = flag.to(collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() > 0:
+        detail = (
+            f"[vocab, hidden] {saved}, this run's model has {mine}"
+            if bad
+            else "another embedding shape than this run's model (found on another rank)"
+        )
+        raise CheckpointError(
+            f"checkpoint {path} has {detail}; resuming would pad or cut the embedding. Set "
+            f"model.vocab_size and model.hidden_size to the checkpoint's (see {path}/config.yaml) or use "
+            "the tokenizer it was trained with"
+        )
+
+
 def load_model_weights(path: Path, model: list[torch.nn.Module]) -> dict[str, Any]:
     """Load only the weights (any TP/PP layout); returns the checkpoint's complete.json."""
     meta = _check_complete(path)
+    _check_embedding(path, meta, model)
     sharded = model_sharded_state_dict(model)
     loaded = _dist_load(sharded, path / "model", "model weights")
     for i, chunk in enumerate(model):
