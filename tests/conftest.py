@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
-    skip_gpu = pytest.mark.skip(reason="needs CUDA (run on the GPU machine with `pytest -m gpu`)")
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (run on a CUDA machine with `pytest -m gpu`)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)

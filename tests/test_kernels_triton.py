@@ -2,7 +2,7 @@
 
 Without CUDA they run in the Triton interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET),
 so the interpreted cases are tiny; the @pytest.mark.gpu cases repeat the checks at realistic
-sizes on the GPU machine. Every output is allocated poisoned (NaN / sentinel), so an element a
+sizes on a CUDA GPU. Every output is allocated poisoned (NaN / sentinel), so an element a
 kernel never writes fails the comparison.
 """
 
