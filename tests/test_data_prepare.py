@@ -53,7 +53,7 @@ def test_every_token_once_in_order_with_boundaries_and_bad_lines(tmp_path: Path)
     with gzip.open(tmp_path / "b.txt.gz", "wt", encoding="utf-8") as fh:
         fh.write("\n".join(docs[150:]) + "\n")
     summary = prepare_dataset([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt.gz")], tmp_path / "out",
-                              tok_path, 20, shard_size_limit=1 << 11, progress=False)
+                              tok_path, 20, shard_size_limit=1 << 11, progress=False, sample_by="line")
     assert summary.skipped == {
         "empty": 2, "malformed JSON": 1, "not a JSON object": 1, "no string 'text' field": 1, "non-UTF-8": 1
     }

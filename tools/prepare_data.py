@@ -5,10 +5,12 @@ Example:
     python tools/prepare_data.py --input 'data/*.jsonl.gz' --tokenizer tok.model --seq-len 4096 \\
         --output shards/ --valid-fraction 0.005 --workers 16
 
-Writes ``<output>/train`` and ``<output>/val`` (compressed shards with hashes; see
-``ssa_megatron.data.packing`` for the columns). Documents end with EOS; per-row document
-starts are stored so the trainer restarts positions and masks each document's first token.
-Empty, non-UTF-8 and malformed lines are counted and skipped with a warning.
+Writes ``<output>/train`` and ``<output>/val`` (compressed shards with sha1 and xxh64 hashes,
+which training checks after each download; see ``ssa_megatron.data.packing`` for the columns),
+locally or straight to object storage (``--output s3://bucket/dataset``). Documents end with EOS;
+per-row document starts are stored so the trainer restarts positions and masks each document's
+first token. A .txt file is one document unless --sample-by says otherwise. Empty, non-UTF-8
+and malformed records are counted and skipped with a warning.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--valid-input", nargs="+", default=[], help="separate validation inputs")
     p.add_argument("--valid-fraction", type=float, default=0.0,
                    help="send this fraction of documents (seeded) to the validation split")
-    p.add_argument("--output", help="output directory (train/ and val/ are created in it)")
+    p.add_argument("--output", help="output directory or object-store URI, e.g. s3://bucket/dataset (train/ "
+                   "and val/ are created in it; credentials from the environment, S3_ENDPOINT_URL for "
+                   "non-AWS stores)")
+    p.add_argument("--sample-by", choices=("document", "paragraph", "line"), default="document",
+                   help="how .txt files split into documents: the whole file (default), blank-line separated "
+                   "paragraphs, or lines")
     p.add_argument("--tokenizer", help="sentencepiece .model or HF tokenizer.json")
     p.add_argument("--seq-len", type=int, help="training sequence length (rows hold seq_len + 1 tokens)")
     p.add_argument("--text-key", default="text")
@@ -64,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             valid_fraction=args.valid_fraction, text_key=args.text_key, seed=args.seed, add_bos=args.add_bos,
             workers=args.workers, compression=None if args.compression == "none" else args.compression,
             shard_size_limit=args.shard_size, overwrite=args.overwrite, progress=not args.no_progress,
+            sample_by=args.sample_by,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

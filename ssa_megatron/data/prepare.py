@@ -34,7 +34,8 @@ from ssa_megatron.data.packing import (
     mds_columns,
     token_dtype,
 )
-from ssa_megatron.data.readers import ReadStats, expand_inputs, iter_documents
+from ssa_megatron.data.readers import SAMPLE_BY, ReadStats, expand_inputs, iter_documents
+from ssa_megatron.data.sources import display, is_remote
 from ssa_megatron.data.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -134,12 +135,14 @@ def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
 class _SplitWriter:
     """One split's packer + MDS writer + counters."""
 
-    def __init__(self, out: Path, seq_len: int, vocab_size: int, pad_id: int, *, compression: str | None,
-                 hashes: Sequence[str], size_limit: int) -> None:
+    def __init__(self, out: Path | str, seq_len: int, vocab_size: int, pad_id: int, *,
+                 compression: str | None, hashes: Sequence[str], size_limit: int) -> None:
         from streaming import MDSWriter
 
         self.out = out
         self.packer = RowPacker(seq_len, pad_id, token_dtype(vocab_size))
+        # A remote `out` (s3://...) makes MDSWriter stage each shard in a temporary directory and
+        # upload it when complete; index.json goes up last, so readers never see a partial split.
         self.writer = MDSWriter(
             out=str(out), columns=mds_columns(vocab_size), compression=compression,
             hashes=list(hashes), size_limit=size_limit,
@@ -164,8 +167,23 @@ class _SplitWriter:
     def finish(self) -> SplitSummary:
         self._write(self.packer.finish())
         self.writer.finish()
-        self.summary.shards = sum(1 for p in self.out.iterdir() if p.name.startswith("shard."))
+        self.summary.shards = len(self.writer.shards)
         return self.summary
+
+
+def _check_remote_output(out: str, overwrite: bool) -> None:
+    """Before tokenizing: the store is reachable, the bucket exists, no split is replaced by accident."""
+    from ssa_megatron.data.preflight import read_remote
+
+    scheme = out.split("://", 1)[0]
+    if scheme in ("http", "https"):
+        raise ValueError(f"--output {display(out)}: http(s) is read-only here; write to a local directory or "
+                         "an object store (s3://, gs://, ...) and serve that over http")
+    for split in (TRAIN_SPLIT, VALID_SPLIT):
+        index = f"{out}/{split}/index.json"
+        if read_remote(index, 60.0) is not None and not overwrite:
+            raise FileExistsError(f"{display(out)}/{split} already holds a dataset; pass overwrite=True "
+                                  "(--overwrite) to replace it")
 
 
 def prepare_dataset(
@@ -185,23 +203,36 @@ def prepare_dataset(
     shard_size_limit: int = 1 << 26,
     overwrite: bool = False,
     progress: bool = True,
+    sample_by: str = "document",
 ) -> PrepareSummary:
-    """Tokenize ``inputs`` and write ``out_dir/train`` and ``out_dir/val`` MDS shards."""
+    """Tokenize ``inputs`` and write ``out_dir/train`` and ``out_dir/val`` MDS shards.
+
+    ``out_dir`` may be a URI streaming uploads to (``s3://``, ``gs://``, ``oci://``, ``azure://``,
+    ``hf://``, ...): shards are uploaded as they complete, with the same credentials the training
+    reads with (environment / provider config; ``S3_ENDPOINT_URL`` for non-AWS stores).
+    ``sample_by`` splits text files (see :mod:`ssa_megatron.data.readers`).
+    """
+    if sample_by not in SAMPLE_BY:
+        raise ValueError(f"sample_by={sample_by!r}; choose one of {', '.join(SAMPLE_BY)}")
     if not 0.0 <= valid_fraction < 1.0:
         raise ValueError(f"valid_fraction={valid_fraction} must be in [0, 1)")
     if valid_inputs and valid_fraction:
         raise ValueError("give either valid_inputs or valid_fraction, not both")
     files = expand_inputs(inputs)
     valid_files = expand_inputs(valid_inputs) if valid_inputs else []
-    out = Path(out_dir)
-    for split in (TRAIN_SPLIT, VALID_SPLIT):
-        target = out / split
-        if target.exists() and any(target.iterdir()):
-            if not overwrite:
-                raise FileExistsError(
-                    f"{target} already holds files; pass overwrite=True (--overwrite) to replace it"
-                )
-            shutil.rmtree(target)
+    remote = is_remote(str(out_dir))
+    out: Path | str = str(out_dir).rstrip("/") if remote else Path(out_dir)
+    if remote:
+        _check_remote_output(str(out), overwrite)
+    else:
+        for split in (TRAIN_SPLIT, VALID_SPLIT):
+            target = Path(out) / split
+            if target.exists() and any(target.iterdir()):
+                if not overwrite:
+                    raise FileExistsError(
+                        f"{target} already holds files; pass overwrite=True (--overwrite) to replace it"
+                    )
+                shutil.rmtree(target)
     tok = load_tokenizer(tokenizer_path)
     # Forked before the shard writers exist, so the children never inherit their threads or files.
     pool = None
@@ -214,7 +245,7 @@ def prepare_dataset(
     bar = tqdm(desc="documents", unit="doc", disable=not progress, mininterval=1.0)
     try:
         make = lambda split: _SplitWriter(
-            out / split, seq_len, tok.vocab_size, tok.pad_id,
+            f"{out}/{split}" if remote else Path(out) / split, seq_len, tok.vocab_size, tok.pad_id,
             compression=compression, hashes=hashes, size_limit=shard_size_limit,
         )
         writers = {TRAIN_SPLIT: make(TRAIN_SPLIT)}
@@ -225,7 +256,8 @@ def prepare_dataset(
             _init_worker(str(tokenizer_path), add_bos)
         index = 0
         for source_files, fixed_split in sources:
-            chunks = _chunks(iter_documents(source_files, text_key=text_key, stats=stats), _CHUNK_DOCS)
+            docs = iter_documents(source_files, text_key=text_key, stats=stats, sample_by=sample_by)
+            chunks = _chunks(docs, _CHUNK_DOCS)
             if pool is None:
                 encoded: Iterator[list[np.ndarray]] = map(_encode_chunk, chunks)
             else:

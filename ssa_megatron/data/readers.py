@@ -4,13 +4,14 @@ Inputs are files, directories (searched recursively for the known suffixes), glo
 or ``-`` for stdin (jsonl when its first non-empty line starts with ``{``, else text).
 Formats by suffix, optionally compressed (``.gz``, ``.bz2``, ``.xz``):
 
-- ``.txt``/``.text``: one document per line;
+- ``.txt``/``.text``: split by ``sample_by``: ``"document"`` (the whole file is one document),
+  ``"paragraph"`` (blank lines separate documents) or ``"line"`` (one document per line);
 - ``.jsonl``/``.json``: one JSON object per line, the document under ``text_key``;
 - ``.parquet``: the ``text_key`` column.
 
-A line that is empty, not UTF-8, not a JSON object or lacks a string ``text_key`` is skipped
-and counted in :class:`ReadStats` (with a few examples for the warning) — a bad line never
-aborts a long run, and never reaches a row.
+A line that is empty (jsonl, or text read by line), not UTF-8, not a JSON object or lacks a
+string ``text_key`` is skipped and counted in :class:`ReadStats` (with a few examples for the
+warning) — a bad line never aborts a long run, and never reaches a row.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import gzip
 import json
 import lzma
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -153,12 +155,52 @@ def _line_document(raw: bytes, kind: str, text_key: str, where: str, stats: Read
     return line
 
 
-def iter_documents(files: Sequence[str], *, text_key: str = "text", stats: ReadStats) -> Iterator[str]:
-    """Yield every document of ``files`` (already expanded) in order, counting skips in ``stats``."""
+SAMPLE_BY = ("document", "paragraph", "line")
+
+
+def _iter_text_blocks(path: str, sample_by: str, stats: ReadStats) -> Iterator[str]:
+    """A text file as one document, or one per paragraph (blank-line separated)."""
+    fh = _open_binary(path)
+    try:
+        raw = fh.read()
+    finally:
+        if path != "-":
+            fh.close()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        stats.skip("non-UTF-8", f"{path}:byte {err.start}")
+        return
+    text = text.replace("\r\n", "\n")
+    blocks = [text] if sample_by == "document" else re.split(r"\n[ \t]*\n", text)
+    for block in blocks:
+        block = block.strip("\n")
+        if not block.strip():
+            # Blank runs between paragraphs are separators, not damaged input; only an empty file counts.
+            if sample_by == "document":
+                stats.skip("empty", path)
+            continue
+        stats.documents += 1
+        yield block
+
+
+def iter_documents(
+    files: Sequence[str], *, text_key: str = "text", stats: ReadStats, sample_by: str = "line"
+) -> Iterator[str]:
+    """Yield every document of ``files`` (already expanded) in order, counting skips in ``stats``.
+
+    ``sample_by`` applies to text inputs only (see the module doc); jsonl and parquet hold one
+    document per record.
+    """
+    if sample_by not in SAMPLE_BY:
+        raise ValueError(f"sample_by={sample_by!r}; choose one of {', '.join(SAMPLE_BY)}")
     for path in files:
         kind = "auto" if path == "-" else _kind(path)
         if kind == "parquet":
             yield from _iter_parquet(path, text_key, stats)
+            continue
+        if kind == "text" and sample_by != "line":
+            yield from _iter_text_blocks(path, sample_by, stats)
             continue
         fh = _open_binary(path)
         try:
