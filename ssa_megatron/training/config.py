@@ -167,8 +167,11 @@ class CheckpointSection:
     load: str = "auto"
     # Load model weights only (e.g. onto a different parallel layout); optimizer starts fresh.
     load_weights_only: bool = False
-    # Save when the run ends or is stopped (SIGTERM, train.stop_after).
+    # Save when the run ends or is stopped (SIGTERM, Ctrl-C, train.stop_after).
     save_on_exit: bool = True
+    # A fresh start (load: none) into a dir holding another run's checkpoints is refused unless
+    # this is true; the earlier run's checkpoints are then removed at start-up.
+    overwrite: bool = False
 
 
 @dataclass
@@ -189,8 +192,9 @@ class EvalSection:
 class LoggingSection:
     # Log training metrics every this many iterations.
     interval: int = 1
-    # TensorBoard event directory (None: no TensorBoard).
-    tensorboard_dir: str | None = None
+    # TensorBoard event directory; "auto": <checkpoint.dir>/tensorboard, one per run (nothing without
+    # a checkpoint.dir); None: no TensorBoard.
+    tensorboard_dir: str | None = "auto"
     # Weights & Biases project to log to from rank 0 (None: no wandb; needs the wandb package and a
     # login, e.g. WANDB_API_KEY); the resolved config is logged with the run.
     wandb_project: str | None = None
