@@ -64,29 +64,12 @@ def megatron_config(
 ) -> Any:
     """``SSATransformerConfig`` of the Megatron model equal to ``config`` (Llama-style blocks, no dropout),
     for conversion and parity checks (CPU initialisation, eval-time mode/budget from ``config``)."""
-    from ssa_megatron.model.config import llama_block_config
+    import dataclasses
 
-    return llama_block_config(
-        num_layers=config.num_hidden_layers,
-        hidden_size=config.hidden_size,
-        ffn_hidden_size=config.intermediate_size,
-        num_attention_heads=config.num_attention_heads,
-        num_query_groups=config.num_key_value_heads,
-        kv_channels=config.head_dim,
-        layernorm_epsilon=config.rms_norm_eps,
-        init_method_std=config.initializer_range,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        use_cpu_initialization=True,
-        attention_mode="ssa",
-        block_size=config.block_size,
-        block_count=config.block_count,
-        inference_mode=inference_mode,
-        rotary_base=config.rope_theta,
-        kernel_backend="auto",
-    )
+    from ssa_megatron.model.config import model_config_from_hf, transformer_config
+
+    model = dataclasses.replace(model_config_from_hf(config), inference_mode=inference_mode)
+    return transformer_config(model, tensor=tp, pipeline=pp, params_dtype=dtype, cpu_initialization=True)
 
 
 def build_megatron_model(config: SSAConfig, **kwargs: Any) -> Any:

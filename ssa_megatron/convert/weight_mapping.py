@@ -133,44 +133,19 @@ def hf_to_megatron_state(
 def ssa_config_from_training(model: dict[str, Any], *, vocab_size: int, seq_length: int) -> SSAConfig:
     """``SSAConfig`` of a model trained with the ``model:`` section ``model`` (training config schema).
 
-    Inference defaults follow the training config: sparse mode with ``inference_block_count`` (or
-    ``block_count``).
+    Inference defaults follow the training config: ``inference_mode`` with ``inference_block_count`` (or
+    ``block_count``); see ``ssa_megatron.model.config.hf_config_kwargs``.
     """
-    heads = int(model["num_attention_heads"])
-    return SSAConfig(
-        vocab_size=vocab_size,
-        hidden_size=int(model["hidden_size"]),
-        intermediate_size=int(model["ffn_hidden_size"]),
-        num_hidden_layers=int(model["num_layers"]),
-        num_attention_heads=heads,
-        num_key_value_heads=int(model["num_query_groups"]),
-        head_dim=int(model.get("kv_channels") or int(model["hidden_size"]) // heads),
-        rms_norm_eps=float(model.get("norm_epsilon", 1e-5)),
-        rope_theta=float(model.get("rotary_base", 500000.0)),
-        tie_word_embeddings=bool(model.get("tie_embeddings", True)),
-        initializer_range=float(model.get("init_method_std", 0.02)),
-        block_size=int(model["block_size"]),
-        block_count=int(model.get("inference_block_count") or model["block_count"]),
-        max_position_embeddings=seq_length,
-        train_seq_length=seq_length,
-        attention_mode="sparse",
-    )
+    from ssa_megatron.model.config import hf_config_kwargs, model_config_from_dict
+
+    kwargs = hf_config_kwargs(model_config_from_dict(model), vocab_size=vocab_size, seq_length=seq_length)
+    return SSAConfig(**kwargs)
 
 
 def training_model_section(config: SSAConfig) -> dict[str, Any]:
     """The training config's ``model:`` section for an ``SSAConfig`` (inverse of ssa_config_from_training)."""
-    return {
-        "num_layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size,
-        "ffn_hidden_size": config.intermediate_size,
-        "num_attention_heads": config.num_attention_heads,
-        "num_query_groups": config.num_key_value_heads,
-        "kv_channels": config.head_dim,
-        "block_size": config.block_size,
-        "block_count": config.block_count,
-        "rotary_base": config.rope_theta,
-        "norm_epsilon": config.rms_norm_eps,
-        "init_method_std": config.initializer_range,
-        "tie_embeddings": bool(config.tie_word_embeddings),
-        "vocab_size": config.vocab_size,
-    }
+    import dataclasses
+
+    from ssa_megatron.model.config import model_config_from_hf
+
+    return dataclasses.asdict(model_config_from_hf(config))
