@@ -44,6 +44,8 @@ import pickle
 import random
 import shutil
 import signal
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -461,3 +463,152 @@ def load_checkpoint(path: Path, model: list[torch.nn.Module], optimizer: Any, sc
     return LoadedState(
         train_state["iteration"], train_state["scheduler"], per_rank["data"], train_state["config"]
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up: checks before any process group or data work, recovery, writer processes.
+
+
+def check_checkpoint_dir(ckpt_dir: str | None, load: str, overwrite: bool) -> None:
+    """Refuse, before anything is built, a checkpoint.dir that cannot be written or a fresh start over
+    another run's checkpoints. Reads only; raises ConfigError naming the value and the fix."""
+    from ssa_megatron.training.config import ConfigError
+
+    if ckpt_dir is None:
+        return
+    root = Path(ckpt_dir)
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == root else f"lies below {str(existing)!r}, which is a file"
+        raise ConfigError(f"checkpoint.dir={ckpt_dir!r} {what}; set checkpoint.dir to a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK) or not _can_create_in(existing):
+        raise ConfigError(
+            f"checkpoint.dir={ckpt_dir!r} cannot be written ({str(existing)!r} is read-only for this user); "
+            "choose a writable checkpoint.dir"
+        )
+    if load == "none" and not overwrite and holds_checkpoints(root):
+        latest = root / LATEST
+        found = f"latest = {latest.read_text().strip()}" if latest.exists() else "iter_* directories"
+        raise ConfigError(
+            f"checkpoint.dir={ckpt_dir!r} holds checkpoints of an earlier run ({found}) and "
+            "checkpoint.load=none starts afresh: resume it with checkpoint.load=auto, write to a new "
+            "checkpoint.dir, or set checkpoint.overwrite=true to replace it"
+        )
+
+
+def _can_create_in(directory: Path) -> bool:
+    # os.access says yes to root on a read-only mount; creating a file is the real test.
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write_test_", dir=directory)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
+
+
+def prepare_checkpoint_dir(ckpt_dir: str | None, load: str, overwrite: bool) -> list[str]:
+    """Rank 0, after the checks and before anyone reads the directory: recover killed saves and, for an
+    explicit overwrite, remove the earlier run's checkpoints. Returns one line per action."""
+    if ckpt_dir is None or not Path(ckpt_dir).is_dir():
+        return []
+    root = Path(ckpt_dir)
+    actions = recover(root)
+    if load == "none" and overwrite and holds_checkpoints(root):
+        for path in sorted(root.iterdir()):
+            if path.name.startswith("iter_") and path.is_dir():
+                shutil.rmtree(path)
+        (root / LATEST).unlink(missing_ok=True)
+        actions.append(f"removed the earlier run's checkpoints from {root} (checkpoint.overwrite=true)")
+    return actions
+
+
+_guards = {"installed": False, "saving": False, "parent": 0}
+
+
+def _writer_after_fork() -> None:
+    """In every child forked by the trainer (megatron's checkpoint writers among them): die with it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != _guards["parent"]:
+            os._exit(1)  # the trainer died between fork and prctl
+    if _guards["saving"] and os.environ.get(FAULT_ENV) == "writer":
+        # Fault injection: a writer that outlives a kill -9 of the trainer in the middle of a save.
+        with open(os.environ[FAULT_ENV + "_PIDS"], "a") as f:
+            f.write(f"{os.getpid()}\n")
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(60)
+
+
+def install_writer_guards() -> None:
+    """No checkpoint-writer process outlives the trainer.
+
+    megatron's dist_checkpointing forks one writer per file bucket (a copy of the trainer's memory)
+    and, for its results queue, starts a multiprocessing Manager server; a kill -9 of the trainer
+    left both running. Forked children now get PR_SET_PDEATHSIG=SIGKILL, and the synchronous save
+    path, which collects the results in this process, uses a plain in-process queue instead.
+    """
+    if _guards["installed"]:
+        return
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    _guards["installed"] = True
+    os.register_at_fork(
+        before=lambda: _guards.__setitem__("parent", os.getpid()), after_in_child=_writer_after_fork
+    )
+    results: queue.Queue = queue.Queue()
+    filesystem_async._get_write_results_queue = lambda: results
+
+
+class Checkpointer:
+    """Saves and resumes one run: the engine's model/optimizer/schedule and the train loader's position."""
+
+    def __init__(self, cfg: Any, engine: Any, train_loader: Any, log: Any) -> None:
+        self.cfg, self.engine, self.loader, self.log = cfg, engine, train_loader, log
+        self.last_saved: str | None = None
+
+    def save(self, iteration: int) -> None:
+        if self.cfg.checkpoint.dir is None:
+            return
+        _guards["saving"] = True
+        try:
+            path = save_checkpoint(
+                self.cfg.checkpoint.dir,
+                iteration,
+                self.engine.model,
+                self.engine.ckpt_optimizer,
+                self.engine.scheduler,
+                self.loader.state_dict(),
+                self.cfg.to_dict(),
+                self.cfg.to_yaml(),
+            )
+        finally:
+            _guards["saving"] = False
+        self.last_saved = str(path)
+        self.log(f"saved checkpoint {path}")
+
+    def resume(self) -> int:
+        """Load what checkpoint.load names (auto: checkpoint.dir/latest); returns the iteration to go on
+        from (0: a fresh start)."""
+        c = self.cfg.checkpoint
+        path = resolve_checkpoint(c.load, c.dir)
+        if path is None:
+            return 0
+        if c.load_weights_only:
+            load_model_weights(path, self.engine.model)
+            self.log(f"loaded model weights from {path} (optimizer, schedule and data order start fresh)")
+            return 0
+        e = self.engine
+        loaded = load_checkpoint(path, e.model, e.ckpt_optimizer, e.scheduler)
+        self.loader.load_state_dict(loaded.data_state)
+        self.log(f"resumed from {path} at iteration {loaded.iteration}")
+        return loaded.iteration

@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 from ssa_megatron.model.alignment import alignment_loss_scale, set_alignment_loss_scale
 from ssa_megatron.model.mode import set_microbatch
 from ssa_megatron.training.config import ConfigError, TrainConfig
+from ssa_megatron.training.engine import Batch, loss_func, shard_batch
 
 _OWNED_KEYS = ("optimizer", "scheduler")
 
@@ -104,7 +105,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 
 class DeepSpeedEngine:
-    """Same interface as `loop.MegatronEngine`: forward_backward / step / discard_grads / eval_mode."""
+    """`engine.Engine` on a DeepSpeed engine wrapping the same model, with our AdamW and LR schedule."""
 
     def __init__(
         self, cfg: TrainConfig, chunks: list[torch.nn.Module], device: torch.device, dp_size: int
@@ -137,9 +138,7 @@ class DeepSpeedEngine:
         self.model_config = chunks[0].config
         self._torch_optimizer = optimizer
 
-    def forward_backward(self, iteration: int, batches: list[dict], forward_only: bool) -> list[dict]:
-        from ssa_megatron.training.loop import loss_func, shard_batch
-
+    def forward_backward(self, iteration: int, batches: list[Batch], forward_only: bool) -> list[dict]:
         store = []
         n = len(batches)
         cp = parallel_state.get_context_parallel_world_size()
@@ -180,3 +179,6 @@ class DeepSpeedEngine:
 
     def eval_mode(self, on: bool) -> None:
         self.engine.train(not on)
+
+    def learning_rate(self) -> float:
+        return float(self._torch_optimizer.param_groups[0]["lr"])

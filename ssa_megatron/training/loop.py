@@ -1,48 +1,42 @@
 """The training loop: one readable iteration function and the loop around it.
 
-Per iteration: fetch this rank's micro-batches, publish each micro-batch's (iteration,
-index) so every SSA layer draws the same attention mode, run megatron's forward/backward
-schedule (no pipelining, 1F1B or interleaved, chosen by megatron from the parallel state),
-then check the loss and grad norm, step the optimizer and the LR schedule.
+Per iteration: fetch this rank's micro-batches, run the engine's forward/backward (every SSA
+layer draws each micro-batch's attention mode from (seed, iteration, micro-batch)), check the
+loss and grad norm, step the optimizer and the LR schedule, then hand the iteration's metrics to
+the logger and let the caller validate/checkpoint. SIGTERM/SIGINT stop after the current step.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from ssa_megatron.model.alignment import alignment_loss_scale, set_alignment_loss_scale, tracker
-from ssa_megatron.model.mode import draw_mode, set_microbatch
-from ssa_megatron.parallel.context import split_for_rank
+from ssa_megatron.model.alignment import tracker
+from ssa_megatron.model.mode import draw_mode
 from ssa_megatron.parallel.state import collective_device
 from ssa_megatron.training.config import TrainConfig
+from ssa_megatron.training.engine import Batch, Engine, loss_func, shard_batch
 from ssa_megatron.training.gc_schedule import ScheduledGC
 from ssa_megatron.training.metrics import MetricsLogger, memory_gib
 
-Batch = dict[str, torch.Tensor]
+__all__ = ["Batch", "loss_func", "shard_batch"]
+
+# Per-iteration metrics kept in memory (RunResult.history): the last HISTORY_LENGTH iterations.
+HISTORY_LENGTH = 1000
 
 
 class NonFiniteError(RuntimeError):
     """Raised under train.nan_policy=stop (or after too many skipped steps)."""
-
-
-def shard_batch(batch: Batch) -> Batch:
-    """This context-parallel rank's part of every sequence (megatron's load-balanced 2*CP split)."""
-    cp = parallel_state.get_context_parallel_world_size()
-    if cp == 1:
-        return batch
-    rank = parallel_state.get_context_parallel_rank()
-    return {k: split_for_rank(v, 1, rank, cp) for k, v in batch.items()}
 
 
 def drawn_modes(model_config: Any, iteration: int, num_microbatches: int) -> list[str]:
@@ -74,44 +68,8 @@ class TrainState:
     iteration: int = 0
     skipped: int = 0
     consumed_samples: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def loss_func(
-    loss_mask: torch.Tensor, output_tensor: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean CE over the micro-batch's target tokens (all context-parallel parts together).
-
-    Returns megatron's legacy 2-tuple: the schedule multiplies by the CP size and divides by the
-    number of micro-batches, and DDP averages over data x context parallel ranks, so each CP rank
-    contributes its local sum divided by the micro-batch's *total* token count.
-    """
-    losses = output_tensor.float()
-    mask = loss_mask.to(losses.dtype)
-    local_sum = (losses * mask).sum()
-    totals = torch.stack([local_sum.detach(), mask.sum()])
-    if parallel_state.get_context_parallel_world_size() > 1:
-        dist.all_reduce(totals, group=parallel_state.get_context_parallel_group())
-    loss = local_sum / totals[1].clamp(min=1.0)
-    return loss, {"ce": totals}
-
-
-def forward_step(
-    device: torch.device, data_iterator: Iterator[Batch], model: Any
-) -> tuple[torch.Tensor, Callable]:
-    # The mode draw needs no call here: megatron's schedule tells each layer its micro-batch index
-    # (TransformerLayer.current_microbatch), which also holds when recomputation replays the forward.
-    batch = shard_batch(next(data_iterator))
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(loss_func, batch["loss_mask"])
-
-
-def _data_iterators(batches: list[Batch], num_chunks: int) -> Any:
-    # Every virtual-pipeline chunk walks the same micro-batches in order; megatron wants one
-    # iterator per chunk then, and a bare iterator without interleaving.
-    its = [iter(batches) for _ in range(num_chunks)]
-    return its if num_chunks > 1 else its[0]
+    # Bounded: a long run must not grow host memory with its step count.
+    history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))
 
 
 def _reduce_ce(store: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
@@ -145,87 +103,7 @@ class StepOutput:
     tokens: int
 
 
-def optimizer_step(optimizer: Any) -> tuple[bool, float | None]:
-    """megatron's optimizer step split open so a non-finite grad norm is seen *before* the update.
-
-    Returns (finite, grad_norm). With fp16 the dynamic loss scaler's overflow skip is kept.
-    """
-    found_inf = optimizer.prepare_grads()
-    scaler = getattr(optimizer, "grad_scaler", None)
-    if scaler is not None:
-        scaler.update(found_inf)
-    if found_inf:
-        return False, None
-    grad_norm = optimizer.get_grad_norm()
-    if grad_norm is not None and not math.isfinite(grad_norm):
-        return False, grad_norm
-    if optimizer.config.clip_grad > 0.0:
-        optimizer.clip_grad_norm(optimizer.config.clip_grad)
-    optimizer.step_with_ready_grads()
-    return True, grad_norm
-
-
-class MegatronEngine:
-    """Forward/backward via megatron's schedules, update via the megatron optimizer."""
-
-    def __init__(
-        self, cfg: TrainConfig, model: list[Any], optimizer: Any, scheduler: Any, device: torch.device
-    ) -> None:
-        self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
-        self.device = device
-        # What checkpoint.save_checkpoint stores optimizer state from.
-        self.ckpt_optimizer = optimizer
-        config = model[0].config
-        self.model_config = config
-        config.grad_scale_func = optimizer.scale_loss
-        # Grad reduction and the final embedding all-reduce happen inside the schedule.
-        from megatron.core.distributed import finalize_model_grads
-
-        config.finalize_model_grads_func = finalize_model_grads
-        if len(model) > 1:
-            config.no_sync_func = [c.no_sync for c in model]
-        else:
-            config.no_sync_func = model[0].no_sync
-
-    def forward_backward(self, iteration: int, batches: list[Batch], forward_only: bool) -> list[dict]:
-        cfg = self.cfg
-        if not forward_only:
-            for chunk in self.model:
-                chunk.zero_grad_buffer()
-            self.optimizer.zero_grad()
-            # Like megatron's MoE aux loss: the alignment gradient is injected by an autograd hook, so it
-            # must carry the loss scale, CP factor and 1/num_microbatches of the CE loss by hand.
-            grad_scale = float(self.optimizer.get_loss_scale()) if cfg.train.precision == "fp16" else 1.0
-            set_alignment_loss_scale(
-                alignment_loss_scale(
-                    len(batches), parallel_state.get_context_parallel_world_size(), grad_scale
-                )
-            )
-        set_microbatch(iteration)
-        return get_forward_backward_func()(
-            forward_step_func=partial(forward_step, self.device),
-            data_iterator=_data_iterators(batches, len(self.model)),
-            model=self.model,
-            num_microbatches=len(batches),
-            seq_length=cfg.data.seq_length,
-            micro_batch_size=cfg.train.micro_batch_size,
-            forward_only=forward_only,
-        )
-
-    def step(self) -> tuple[bool, float | None]:
-        return optimizer_step(self.optimizer)
-
-    def discard_grads(self) -> None:
-        for chunk in self.model:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-
-    def eval_mode(self, on: bool) -> None:
-        for chunk in self.model:
-            chunk.train(not on)
-
-
-def train_step(engine: Any, iteration: int, batches: list[Batch]) -> StepOutput:
+def train_step(engine: Engine, iteration: int, batches: list[Batch]) -> StepOutput:
     store = engine.forward_backward(iteration, batches, forward_only=False)
     ce_sum, count = _reduce_ce(store)
     ce = ce_sum / max(count, 1.0)
@@ -239,17 +117,23 @@ def train_step(engine: Any, iteration: int, batches: list[Batch]) -> StepOutput:
 
 @dataclass
 class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checks it between iterations, saves and exits."""
+    """SIGTERM or a first Ctrl-C (SIGINT) asks the loop to stop after the current step (it saves and
+    exits 0); a second Ctrl-C aborts at once (the default SIGINT action: no save)."""
 
     requested: bool = False
     signum: int | None = None
 
     def install(self) -> None:
-        def handler(signum: int, frame: Any) -> None:
-            self.requested = True
-            self.signum = signum
+        signal.signal(signal.SIGTERM, self._handler)
+        signal.signal(signal.SIGINT, self._handler)
 
-        signal.signal(signal.SIGTERM, handler)
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # os.write: a signal handler may interrupt a print in progress on the same stream.
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and saving; "
+                    "press Ctrl-C again to abort at once without saving\n".encode())  # fmt: skip
 
     def agreed(self) -> bool:
         """All ranks stop together: any rank's signal stops everyone at the same iteration."""
@@ -281,73 +165,84 @@ def _count_skipped_update(
         )
 
 
-def train(
-    cfg: TrainConfig,
-    engine: Any,
-    state: TrainState,
-    next_batches: Callable[[], list[Batch]],
-    logger: MetricsLogger,
-    flops_per_sequence: float,
-    peak_tflops: float | None,
-    device: torch.device,
-    on_interval: Callable[[int, bool], None],
-    stop: StopFlag,
-) -> TrainState:
-    """Run iterations state.iteration+1 .. train_iters. `on_interval(iteration, stopping)` runs
-    validation/checkpointing after each iteration (it decides from the config what is due)."""
-    t = cfg.train
-    num_micro = None
+@dataclass
+class LoopContext:
+    """What the loop needs besides the engine and its state."""
+
+    cfg: TrainConfig
+    # This rank's micro-batches of the next iteration.
+    next_batches: Callable[[], list[Batch]]
+    logger: MetricsLogger
+    # Model FLOPs of one sequence's forward+backward, and the device's peak (None: unknown, no MFU).
+    flops_per_sequence: float
+    peak_tflops: float | None
+    device: torch.device
+    # Runs after each iteration: validation/checkpoints as due; `stopping` asks for the final save.
+    after_iteration: Callable[[int, bool], None]
+    stop: StopFlag
+
+
+def iteration_metrics(
+    ctx: LoopContext, engine: Engine, state: TrainState, out: StepOutput, lr: float, elapsed: float,
+    num_micro: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The step's metrics as logged (console, TensorBoard, wandb) and kept in the history."""
+    cfg, t = ctx.cfg, ctx.cfg.train
     world = dist.get_world_size() if dist.is_initialized() else 1
+    dp = parallel_state.get_data_parallel_world_size()
+    tokens = num_micro * t.micro_batch_size * cfg.data.seq_length * dp
+    tflops = ctx.flops_per_sequence * t.global_batch_size / elapsed / world / 1e12
+    mcfg = engine.model_config
+    align = out.aux.get("align_loss")
+    modes = drawn_modes(mcfg, state.iteration, num_micro)
+    return {
+        "loss": out.ce_loss + (mcfg.alignment_weight * align if align is not None else 0.0),
+        "ce_loss": out.ce_loss,
+        **out.aux,
+        # One letter per micro-batch (F: full attention drove it, S: sparse), and the full share.
+        "mode": "".join(m[0].upper() for m in modes),
+        "mode_full": sum(m == "full" for m in modes) / len(modes),
+        "lr": lr,
+        "grad_norm": out.grad_norm,
+        "consumed_tokens": state.consumed_samples * cfg.data.seq_length,
+        "ms_per_iter": elapsed * 1e3,
+        "tokens_per_s": tokens / elapsed,
+        "tflops": tflops,
+        "mfu": tflops / ctx.peak_tflops if ctx.peak_tflops else None,
+        "mem_gib": memory_gib(ctx.device),
+        "skipped": state.skipped,
+    }
+
+
+def train(engine: Engine, state: TrainState, ctx: LoopContext) -> TrainState:
+    """Run iterations state.iteration+1 .. train_iters (or up to train.stop_after / a stop signal)."""
+    t = ctx.cfg.train
     with ScheduledGC(t.gc_interval) as collector:
         while state.iteration < t.train_iters:
             iteration = state.iteration + 1
             start = time.perf_counter()
-            batches = next_batches()
-            num_micro = len(batches)
+            batches = ctx.next_batches()
             out = train_step(engine, iteration, batches)
             elapsed = time.perf_counter() - start
             state.iteration = iteration
             state.consumed_samples += t.global_batch_size
-            lr = engine.scheduler.optimizer.param_groups[0]["lr"]
+            lr = engine.learning_rate()
             if out.applied and engine.scheduler is not None:
                 engine.scheduler.step(1)
             if not out.applied:
-                _count_skipped_update(out, iteration, state, t, logger)
-            tokens = (
-                num_micro
-                * t.micro_batch_size
-                * cfg.data.seq_length
-                * parallel_state.get_data_parallel_world_size()
-            )
-            tflops = flops_per_sequence * t.global_batch_size / elapsed / world / 1e12
-            mcfg = engine.model_config
-            align = out.aux.get("align_loss")
-            metrics: dict[str, Any] = {
-                "loss": out.ce_loss + (mcfg.alignment_weight * align if align is not None else 0.0),
-                "ce_loss": out.ce_loss,
-                **out.aux,
-                "mode": "".join(m[0].upper() for m in drawn_modes(mcfg, iteration, num_micro)),
-                "lr": lr,
-                "grad_norm": out.grad_norm,
-                "tokens_per_s": tokens / elapsed,
-                "tflops": tflops,
-                "mfu": tflops / peak_tflops if peak_tflops else None,
-                "mem_gib": memory_gib(device),
-                "skipped": state.skipped or None,
-            }
+                _count_skipped_update(out, iteration, state, t, ctx.logger)
+            metrics = iteration_metrics(ctx, engine, state, out, lr, elapsed, len(batches))
             state.history.append({"iteration": iteration, **metrics})
-            if iteration % cfg.logging.interval == 0 or iteration == t.train_iters:
-                logger.log_step(iteration, metrics)
+            ctx.logger.log_step(iteration, metrics)
             collector.step(iteration)
-            stopping = stop.agreed()
+            stopping = ctx.stop.agreed()
             if t.stop_after is not None and iteration == t.stop_after and iteration < t.train_iters:
-                on_interval(iteration, True)
-                logger.print(f"stopped after iteration {iteration} (train.stop_after)")
+                ctx.after_iteration(iteration, True)
+                ctx.logger.print(f"stopped after iteration {iteration} (train.stop_after)")
                 break
-            on_interval(iteration, stopping)
+            ctx.after_iteration(iteration, stopping)
             if stopping:
-                logger.print(
-                    f"signal {stop.signum or 'on another rank'} received: stopped after iteration {iteration}"
-                )
+                who = signal.Signals(ctx.stop.signum).name if ctx.stop.signum else "a signal on another rank"
+                ctx.logger.print(f"{who}: stopped after iteration {iteration}")
                 break
     return state

@@ -1,16 +1,19 @@
 """`run(cfg)`: everything `pretrain_ssa.py` does, in the order that fails cheapest first.
 
-1. launch env, device and the parallel layout are checked against the world size;
-2. the data and tokenizer are found (or the demo corpus is built) before any model exists;
-3. megatron's parallel state, the SSA model, the engine (megatron or DeepSpeed), the loaders;
-4. resume from `checkpoint.dir/latest` (or the configured checkpoint);
-5. the loop, with validation and checkpoints at their intervals and on SIGTERM;
-6. a final validation in every `eval.modes` mode, printed as perplexities.
+1. launch env, device and the parallel layout are checked against the world size; the checkpoint
+   directory is checked (writable; a fresh start over another run's checkpoints is refused);
+2. killed saves are recovered (rank 0); the process group is joined;
+3. the data and tokenizer are found (or the demo corpus is built) before any model exists;
+4. megatron's parallel state, the SSA model, the engine (megatron or DeepSpeed), the loaders;
+5. `TrainingRun`: resume from `checkpoint.dir/latest` (or the configured checkpoint), the loop
+   with validation and checkpoints at their intervals and on SIGTERM/Ctrl-C, a final validation
+   in every `eval.modes` mode, printed as perplexities.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,16 +24,19 @@ import torch.distributed as dist
 from ssa_megatron.training import checkpoint as ckpt
 from ssa_megatron.training.config import ConfigError, TrainConfig, data_parallel_size
 from ssa_megatron.training.cpu_training import check_cpu_layout, enable_cpu_training
+from ssa_megatron.training.engine import Engine
 from ssa_megatron.training.evaluate import attention_sparsity, evaluate, validation_batches
 from ssa_megatron.training.flops import peak_tflops, training_flops_per_sequence
 from ssa_megatron.training.launch import LaunchEnv, detect_launch, init_distributed, resolve_device
-from ssa_megatron.training.loop import MegatronEngine, StopFlag, TrainState, train
-from ssa_megatron.training.metrics import MetricsLogger
+from ssa_megatron.training.loop import LoopContext, StopFlag, TrainState, train
+from ssa_megatron.training.megatron_engine import MegatronEngine
+from ssa_megatron.training.metrics import MetricsLogger, column_legend
 
 
 @dataclass
 class RunResult:
     iteration: int
+    # Per-iteration metrics of this process's last loop.HISTORY_LENGTH iterations.
     history: list[dict[str, Any]] = field(default_factory=list)
     # {"sparse": {"loss", "ppl", "tokens", "sparsity"}, "full": {...}} from the last evaluation.
     final_eval: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -96,10 +102,10 @@ def _build_model(cfg: TrainConfig, config: Any, vocab_size: int) -> list[torch.n
     )
 
 
-def build_engine(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Any:
+def build_engine(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Engine:
     """Parallel state, the SSA model and its engine (megatron DDP + optimizer, or DeepSpeed).
 
-    Needs the default process group. Returns `loop.MegatronEngine` or `ds_engine.DeepSpeedEngine`.
+    Needs the default process group.
     """
     from megatron.core import parallel_state
 
@@ -111,7 +117,7 @@ def build_engine(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Any
     mconfig = model_config(cfg, vocab_size, device)
     chunks = [c.to(device) for c in _build_model(cfg, mconfig, vocab_size)]
     if cfg.train.engine == "deepspeed":
-        from ssa_megatron.training.ds_engine import DeepSpeedEngine
+        from ssa_megatron.training.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(cfg, chunks, device, parallel_state.get_data_parallel_world_size())
     from ssa_megatron.training.optim import build_optimizer, build_scheduler, wrap_model
@@ -127,6 +133,19 @@ def _data_config(cfg: TrainConfig) -> Any:
     return data_config(cfg.data, seed=cfg.train.seed, run_dir=cfg.checkpoint.dir)
 
 
+def padded_vocab_size(cfg: TrainConfig, tokenizer_vocab: int) -> int:
+    # Padded like megatron-LM (multiple of 128 x TP) so every TP rank holds an equal vocabulary slice.
+    multiple = 128 * cfg.parallel.tensor
+    vocab = cfg.model.vocab_size or -(-tokenizer_vocab // multiple) * multiple
+    if vocab % cfg.parallel.tensor:
+        raise ConfigError(
+            f"model.vocab_size={vocab} is not divisible by parallel.tensor={cfg.parallel.tensor}"
+        )
+    if vocab < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}")
+    return vocab
+
+
 def run(cfg: TrainConfig, env: LaunchEnv | None = None, stream: TextIO | None = None) -> RunResult:
     from megatron.core import parallel_state
 
@@ -137,25 +156,21 @@ def run(cfg: TrainConfig, env: LaunchEnv | None = None, stream: TextIO | None = 
     device = resolve_device(cfg.train.device)
     check_cpu_layout(cfg.train.precision, cfg.parallel.distributed_optimizer, device)
     dp = data_parallel_size(cfg, env.world_size)
+    c = cfg.checkpoint
+    ckpt.check_checkpoint_dir(c.dir, c.load, c.overwrite)
+    if env.is_main:
+        for line in ckpt.prepare_checkpoint_dir(c.dir, c.load, c.overwrite):
+            stream.write(line + "\n")
+    # The other ranks wait in the rendezvous until rank 0 has recovered the checkpoint directory.
     init_distributed(env, device)
+    ckpt.install_writer_guards()
     if env.is_main:
         stream.write("resolved config:\n" + cfg.to_yaml() + "\n")
         stream.flush()
     tokenizer = prepare_data(cfg, env)
-    # Padded like megatron-LM (multiple of 128 x TP) so every TP rank holds an equal vocabulary slice.
-    multiple = 128 * cfg.parallel.tensor
-    vocab = cfg.model.vocab_size or -(-tokenizer.vocab_size // multiple) * multiple
-    if vocab % cfg.parallel.tensor:
-        raise ConfigError(
-            f"model.vocab_size={vocab} is not divisible by parallel.tensor={cfg.parallel.tensor}"
-        )
-    if vocab < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
-
+    vocab = padded_vocab_size(cfg, tokenizer.vocab_size)
     engine = build_engine(cfg, vocab, device)
-    ckpt_optimizer = engine.ckpt_optimizer
     t = cfg.train
-    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
     train_loader, valid_loader = build_loaders(
         _data_config(cfg),
         micro_batch_size=t.micro_batch_size,
@@ -164,108 +179,111 @@ def run(cfg: TrainConfig, env: LaunchEnv | None = None, stream: TextIO | None = 
         dp_size=dp,
         launch=env,
     )
-
-    state = TrainState()
-    load_path = ckpt.resolve_checkpoint(cfg.checkpoint.load, cfg.checkpoint.dir)
-    logging_rank = env.is_main
-    logger = MetricsLogger(cfg, logging_rank, t.train_iters, stream)
     try:
-        if load_path is not None:
-            if cfg.checkpoint.load_weights_only:
-                ckpt.load_model_weights(load_path, engine.model)
-                logger.print(
-                    f"loaded model weights from {load_path} (optimizer, schedule and data order start fresh)"
-                )
-            else:
-                loaded = ckpt.load_checkpoint(load_path, engine.model, ckpt_optimizer, engine.scheduler)
-                state.iteration = loaded.iteration
-                state.consumed_samples = loaded.iteration * t.global_batch_size
-                train_loader.load_state_dict(loaded.data_state)
-                logger.print(f"resumed from {load_path} at iteration {loaded.iteration}")
-
-        train_iter = iter(train_loader)
-        val_batches = validation_batches(valid_loader, num_micro, cfg.eval.iters)
-        last_saved: list[str | None] = [None]
-
-        def save(iteration: int) -> None:
-            if cfg.checkpoint.dir is None:
-                return
-            path = ckpt.save_checkpoint(
-                cfg.checkpoint.dir,
-                iteration,
-                engine.model,
-                ckpt_optimizer,
-                engine.scheduler,
-                train_loader.state_dict(),
-                cfg.to_dict(),
-                cfg.to_yaml(),
-            )
-            last_saved[0] = str(path)
-            logger.print(f"saved checkpoint {path}")
-
-        def run_eval(iteration: int) -> dict[str, dict[str, float]]:
-            results: dict[str, dict[str, float]] = {}
-            for mode in cfg.eval.modes:
-                res = evaluate(engine, val_batches, mode)
-                if cfg.eval.sparsity and val_batches:
-                    sparsity = attention_sparsity(engine, val_batches[0], mode)
-                    if sparsity is not None:
-                        res["sparsity"] = sparsity
-                results[mode] = res
-                logger.scalars(f"val_{mode}", iteration, res)
-            line = " | ".join(
-                f"{mode}: loss {r['loss']:.4f} ppl {r['ppl']:.2f}"
-                + (f" sparsity {r['sparsity']:.3f}" if "sparsity" in r else "")
-                for mode, r in results.items()
-            )
-            logger.print(f"validation at iteration {iteration} | {line}")
-            return results
-
-        def on_interval(iteration: int, stopping: bool) -> None:
-            if (
-                cfg.eval.interval
-                and iteration % cfg.eval.interval == 0
-                and iteration < t.train_iters
-                and val_batches
-            ):
-                run_eval(iteration)
-            interval = cfg.checkpoint.save_interval
-            due = interval and iteration % interval == 0
-            final = iteration == t.train_iters and cfg.checkpoint.save_on_exit
-            if due or final or (stopping and cfg.checkpoint.save_on_exit):
-                save(iteration)
-
-        stop = StopFlag()
-        stop.install()
-        flops = training_flops_per_sequence(cfg.model, cfg.data.seq_length, vocab, t.recompute)
-        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        peak = peak_tflops(device_name, cfg.logging.peak_tflops)
-
-        if state.iteration < t.train_iters:
-            state = train(
-                cfg,
-                engine,
-                state,
-                lambda: [next(train_iter) for _ in range(num_micro)],
-                logger,
-                flops,
-                peak,
-                device,
-                on_interval,
-                stop,
-            )
-        final_eval: dict[str, dict[str, float]] = {}
-        finished = state.iteration >= t.train_iters
-        if cfg.eval.at_end and val_batches and finished:
-            final_eval = run_eval(state.iteration)
-            summary = ", ".join(
-                f"{mode}-mode validation perplexity {r['ppl']:.2f}" for mode, r in final_eval.items()
-            )
-            logger.print(f"final ({state.iteration} iterations): {summary}")
+        return TrainingRun(cfg, env, engine, device, vocab, train_loader, valid_loader, stream).execute()
     finally:
-        logger.close()
         # streaming keeps shared memory per loader; release it now, not at interpreter exit.
         train_loader.close()
         if valid_loader is not None:
             valid_loader.close()
-    return RunResult(state.iteration, state.history, final_eval, last_saved[0])
+
+
+class Validator:
+    """Validation in every eval.modes mode on fixed batches of the validation split."""
+
+    def __init__(self, cfg: TrainConfig, engine: Engine, val_batches: list, logger: MetricsLogger) -> None:
+        self.cfg, self.engine, self.batches, self.logger = cfg, engine, val_batches, logger
+
+    def __bool__(self) -> bool:
+        return bool(self.batches)
+
+    def run(self, iteration: int) -> dict[str, dict[str, float]]:
+        results: dict[str, dict[str, float]] = {}
+        for mode in self.cfg.eval.modes:
+            res = evaluate(self.engine, self.batches, mode)
+            if self.cfg.eval.sparsity and self.batches:
+                sparsity = attention_sparsity(self.engine, self.batches[0], mode)
+                if sparsity is not None:
+                    res["sparsity"] = sparsity
+            results[mode] = res
+            self.logger.scalars(f"val_{mode}", iteration, res)
+        line = " | ".join(
+            f"{mode}: loss {r['loss']:.4f} ppl {r['ppl']:.2f}"
+            + (f" sparsity {r['sparsity']:.3f}" if "sparsity" in r else "")
+            for mode, r in results.items()
+        )
+        self.logger.print(f"validation at iteration {iteration} | {line}")
+        return results
+
+
+class TrainingRun:
+    """One run on a built engine and loaders: resume, train, validate and checkpoint as due, evaluate."""
+
+    def __init__(
+        self, cfg: TrainConfig, env: LaunchEnv, engine: Engine, device: torch.device, vocab: int,
+        train_loader: Any, valid_loader: Any, stream: TextIO,
+    ) -> None:  # fmt: skip
+        t = cfg.train
+        self.cfg, self.engine, self.device, self.vocab = cfg, engine, device, vocab
+        self.num_micro = t.global_batch_size // (t.micro_batch_size * data_parallel_size(cfg, env.world_size))
+        self.train_loader = train_loader
+        self.logger = MetricsLogger(cfg, env.is_main, t.train_iters, stream)
+        self.checkpointer = ckpt.Checkpointer(cfg, engine, train_loader, self.logger.print)
+        self.validator = Validator(
+            cfg, engine, validation_batches(valid_loader, self.num_micro, cfg.eval.iters), self.logger
+        )
+        self.batches: Iterator[Any] | None = None
+
+    def next_batches(self) -> list[Any]:
+        assert self.batches is not None
+        return [next(self.batches) for _ in range(self.num_micro)]
+
+    def after_iteration(self, iteration: int, stopping: bool) -> None:
+        cfg = self.cfg
+        every = cfg.eval.interval
+        if every and iteration % every == 0 and iteration < cfg.train.train_iters and self.validator:
+            self.validator.run(iteration)
+        c = cfg.checkpoint
+        due = c.save_interval and iteration % c.save_interval == 0
+        at_exit = c.save_on_exit and (stopping or iteration == cfg.train.train_iters)
+        if due or at_exit:
+            self.checkpointer.save(iteration)
+
+    def execute(self) -> RunResult:
+        cfg, t = self.cfg, self.cfg.train
+        state = TrainState()
+        final_eval: dict[str, dict[str, float]] = {}
+        try:
+            state.iteration = self.checkpointer.resume()
+            state.consumed_samples = state.iteration * t.global_batch_size
+            self.batches = iter(self.train_loader)
+            self.logger.print(column_legend(cfg.model.alignment_weight))
+            if state.iteration < t.train_iters:
+                self.logger.start(state.iteration)
+                stop = StopFlag()
+                stop.install()
+                device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+                ctx = LoopContext(
+                    cfg=cfg,
+                    next_batches=self.next_batches,
+                    logger=self.logger,
+                    flops_per_sequence=training_flops_per_sequence(
+                        cfg.model, cfg.data.seq_length, self.vocab, t.recompute
+                    ),
+                    peak_tflops=peak_tflops(device_name, cfg.logging.peak_tflops),
+                    device=self.device,
+                    after_iteration=self.after_iteration,
+                    stop=stop,
+                )
+                state = train(self.engine, state, ctx)
+            else:
+                self.logger.print(f"training is complete ({state.iteration}/{t.train_iters} iterations)")
+            if cfg.eval.at_end and self.validator and state.iteration >= t.train_iters:
+                final_eval = self.validator.run(state.iteration)
+                summary = ", ".join(
+                    f"{mode}-mode validation perplexity {r['ppl']:.2f}" for mode, r in final_eval.items()
+                )
+                self.logger.print(f"final ({state.iteration} iterations): {summary}")
+        finally:
+            self.logger.close()
+        return RunResult(state.iteration, list(state.history), final_eval, self.checkpointer.last_saved)
