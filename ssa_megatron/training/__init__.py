@@ -25,7 +25,7 @@ def __getattr__(name: str) -> Any:
 
 def main_run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     """Run from the CLI: config errors exit 2, other user errors (data, checkpoint, divergence) exit 1,
-    each with one clear line."""
+    each with one clear line; a run stopped by SIGTERM or Ctrl-C saves and exits 0."""
     import torch.distributed as dist
 
     from ssa_megatron.data.loader import DataError
@@ -47,6 +47,10 @@ def main_run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     except (CheckpointError, NonFiniteError) as err:
         print(f"pretrain_ssa.py: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C before training started (during start-up or data preparation): nothing to save.
+        print("pretrain_ssa.py: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             from ssa_megatron.parallel.state import destroy_parallel
