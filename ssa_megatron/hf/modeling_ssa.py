@@ -14,9 +14,12 @@ PyTorch path for CPU tensors or when ``config.use_kernels == "never"``. In-repo 
 
 Modes: ``config.attention_mode`` (``"sparse"`` default, or ``"full"``) and ``config.block_count``
 are defaults; ``forward``/``generate`` accept ``attention_mode=`` and ``block_count=`` per call.
-KV cache: keys are cached after RoPE; in sparse mode every decoding step recomputes the block keys
-of the cache and selects blocks for the new queries at their absolute positions, so cached decoding
-gives exactly the logits of the no-cache forward.
+KV cache: keys are cached after RoPE. A decoding step (one new token per sequence after a prompt)
+takes the decode path: in sparse mode the cache's block keys are kept per layer and updated as blocks
+fill (``decode_block_keys``), and ``sparse_decode`` selects over them and reads only the selected
+blocks' keys and values; in full mode SDPA reads the cache in place. Both give the logits of the
+no-cache forward. ``SSAStaticCache`` is a preallocated cache for loops that must not copy the cache
+every step (``DynamicCache`` concatenates).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import importlib.util
 import logging
 import os
 import sys
+import weakref
 from collections.abc import Iterator
 from types import ModuleType, SimpleNamespace
 from typing import Any, ClassVar
@@ -40,11 +44,24 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .configuration_ssa import ATTENTION_MODES, SSAConfig
-from .ssa_attention import attention_statistics, dense_attention, sparse_attention
+from .ssa_attention import (
+    attention_statistics,
+    block_keys,
+    decode_block_keys,
+    dense_attention,
+    sparse_attention,
+    sparse_decode,
+)
 
 logger = logging.getLogger(__name__)
 
-TORCH_OPS = SimpleNamespace(dense_attention=dense_attention, sparse_attention=sparse_attention)
+TORCH_OPS = SimpleNamespace(
+    dense_attention=dense_attention,
+    sparse_attention=sparse_attention,
+    block_keys=block_keys,
+    decode_block_keys=decode_block_keys,
+    sparse_decode=sparse_decode,
+)
 SHIPPED_KERNELS_DIR = "ssa_kernels"
 
 
@@ -184,19 +201,141 @@ class SSAAttention(nn.Module):
             k, v = k_all.transpose(1, 2), v_all.transpose(1, 2)
         q_offset = k.shape[1] - t
         ops = self._ops(q)
-        if ops is not TORCH_OPS:
-            # The cache hands back [B, H, T, D] storage viewed as [B, T, H, D]; kernels get dense tensors.
-            k, v = k.contiguous(), v.contiguous()
-        if mode == "full":
-            o, _ = ops.dense_attention(q, k, v, q_offset=q_offset)
+        if cache is not None and t > 1:
+            _DECODE_BLOCK_KEYS.get(cache, {}).pop(self.layer_idx, None)  # rebuilt at the next decoding step
+        if (
+            cache is not None
+            and t == 1
+            and q_offset > 0
+            and (mode == "full" or hasattr(ops, "sparse_decode"))
+        ):
+            o = self._decode(ops, q[:, 0], k, v, cache, mode, block_count)[:, None]
         else:
-            o, _, _ = ops.sparse_attention(q, k, v, self.config.block_size, block_count, q_offset=q_offset)
+            if ops is not TORCH_OPS:
+                # The cache hands back [B, H, T, D] storage viewed as [B, T, H, D]; kernels get dense tensors.
+                k, v = k.contiguous(), v.contiguous()
+            if mode == "full":
+                o, _ = ops.dense_attention(q, k, v, q_offset=q_offset)
+            else:
+                o, _, _ = ops.sparse_attention(
+                    q, k, v, self.config.block_size, block_count, q_offset=q_offset
+                )
         if self.stats_sink is not None:
             with torch.no_grad():
                 stats = attention_statistics(q, k, self.config.block_size, block_count, q_offset=q_offset)
             self.stats_sink.append({"layer": self.layer_idx, **stats})
         gate = torch.sigmoid(self.head_gate(hidden)).unsqueeze(-1)
         return self.o_proj((o.to(hidden.dtype) * gate).reshape(b, t, self.num_heads * self.head_dim))
+
+    def _decode(
+        self,
+        ops: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: Any,
+        mode: str,
+        block_count: int,
+    ) -> torch.Tensor:
+        """One new token per sequence: ``q [B, HQ, D]`` at position L - 1 against the cache's L keys
+        (``k``/``v [B, L, H, D]`` views of the cache, not copied). Returns ``[B, HQ, D]``."""
+        b, length, h, d = k.shape
+        if mode == "full":
+            # The last position sees every cached key: the group's G query heads become G query rows
+            # of their KV head, so SDPA reads each cached key once, in place, with no mask and no GQA
+            # expansion of the cache.
+            qg = q.view(b, h, -1, d)
+            return F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2)).reshape(b, -1, d)
+        seq_lens = torch.full((b,), length, dtype=torch.int32, device=q.device)
+        kblock = self._cached_block_keys(ops, cache, k, seq_lens)
+        o, _, _ = ops.sparse_decode(q, k, v, kblock, seq_lens, self.config.block_size, block_count)
+        return o
+
+    def _cached_block_keys(
+        self, ops: Any, cache: Any, k: torch.Tensor, seq_lens: torch.Tensor
+    ) -> torch.Tensor:
+        """This layer's block keys of the cache, current for its ``L = k.shape[1]`` tokens.
+
+        Kept between steps (per cache object, per layer) and updated in place as blocks fill; rebuilt
+        from the cached keys when they do not cover the first L - 1 tokens (the first step after a
+        prompt, or a cache this layer has not seen). Capacity doubles as the context grows.
+        """
+        bs = self.config.block_size
+        b, length, h, d = k.shape
+        need = -(-length // bs)
+        entry = _DECODE_BLOCK_KEYS.setdefault(cache, {}).get(self.layer_idx)
+        stale = (
+            entry is None
+            or entry[1] < length - 1
+            or entry[0].shape[0] != b
+            or entry[0].device != k.device
+            or entry[0].dtype != k.dtype
+        )
+        if stale:
+            buf = k.new_zeros(b, need, h, d)
+            full = length // bs
+            if full:
+                buf[:, :full] = ops.block_keys(k[:, : full * bs].contiguous(), bs)
+        else:
+            buf = entry[0]
+            if buf.shape[1] < need:
+                grown = buf.new_zeros(b, max(need, 2 * buf.shape[1]), h, d)
+                grown[:, : buf.shape[1]] = buf
+                buf = grown
+            ops.decode_block_keys(k, buf, seq_lens, bs)
+        _DECODE_BLOCK_KEYS[cache][self.layer_idx] = (buf, length)
+        return buf[:, :need]
+
+
+# Per cache object: {layer: (block keys [B, capacity, H, D], tokens they cover)}. Weak keys, so the
+# block keys go when the cache does; a forward of several tokens drops them (rebuilt when needed).
+_DECODE_BLOCK_KEYS: weakref.WeakKeyDictionary[Any, dict[int, tuple[torch.Tensor, int]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class SSAStaticCache:
+    """A preallocated KV cache: ``update`` writes the new keys/values in place and hands back views.
+
+    ``DynamicCache`` concatenates the whole cache in every step, a copy as large as the reads a sparse
+    decoding step saves; loops that decode at long context (``tools/bench_inference.py --decode``)
+    pass this instead as ``past_key_values``. Storage is ``[B, H, max_length, D]`` per layer, the
+    layout SDPA reads in place; ``set_length`` rewinds (or, after filling the storage directly,
+    declares) the cached length of every layer.
+    """
+
+    def __init__(
+        self, config: SSAConfig, batch_size: int, max_length: int, *, device: Any = None, dtype: Any = None
+    ) -> None:
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        layers = config.num_hidden_layers
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.lengths = [0] * layers
+        self.max_length = max_length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def set_length(self, length: int) -> None:
+        if not 0 <= length <= self.max_length:
+            raise ValueError(f"length {length} is outside this cache's [0, {self.max_length}]")
+        self.lengths = [length] * len(self.lengths)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.lengths[layer_idx]
+        end = start + key_states.shape[2]
+        if end > self.max_length:
+            raise ValueError(
+                f"SSAStaticCache holds {self.max_length} tokens but {end} were requested; "
+                "build it with a larger max_length"
+            )
+        self.keys[layer_idx][:, :, start:end] = key_states
+        self.values[layer_idx][:, :, start:end] = value_states
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
 
 class SSAMLP(nn.Module):

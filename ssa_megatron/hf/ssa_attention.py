@@ -242,3 +242,51 @@ def attention_statistics(
         out["entropy"][:, sl] = (lse_full - expected).permute(0, 2, 1)
         out["kl_sparse_full"][:, sl] = (-log_share).permute(0, 2, 1)
     return out
+
+
+def decode_block_keys(
+    k: torch.Tensor, kblock: torch.Tensor, seq_lens: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """After one token was appended per sequence: write the key of each block that has just filled
+    (``seq_lens[b] % block_size == 0``) into ``kblock`` in place (``kernels.ssa.decode_block_keys``)."""
+    b = k.shape[0]
+    lens = seq_lens.to(device=k.device, dtype=torch.long)
+    rows = torch.arange(b, device=k.device)
+    pos = (lens - block_size).clamp(min=0)[:, None] + torch.arange(block_size, device=k.device)
+    mean = (k[rows[:, None], pos.clamp(max=k.shape[1] - 1)].float().sum(dim=1) / block_size).to(kblock.dtype)
+    row = (lens // block_size - 1).clamp(min=0)
+    filled = ((lens % block_size == 0) & (lens > 0)).view(b, 1, 1)
+    kblock[rows, row] = torch.where(filled, mean, kblock[rows, row])
+    return kblock
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kblock: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    block_count: int,
+    *,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One new query per sequence (``q [B, HQ, D]`` at position ``seq_lens[b] - 1``) against the cache
+    ``k``/``v [B, T, H, D]`` and its block keys ``kblock`` (``kernels.ssa.sparse_decode``): the selection
+    and attention ``sparse_attention`` computes for that query, without rebuilding the block keys.
+    Returns ``(o [B, HQ, D], lse [B, HQ], block_idx [B, H, block_count])``."""
+    if block_count < 1:
+        raise ValueError(f"block_count must be >= 1, got {block_count}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    outs, lses, idxs = [], [], []
+    for i, length in enumerate(seq_lens.tolist()):
+        own = (length - 1) // block_size
+        qi = q[i : i + 1, None]
+        pos = torch.tensor([length - 1], device=q.device)
+        idx = _select_chunk(qi, kblock[i : i + 1, : own + 1], block_size, block_count, pos, scale)
+        o, lse = _chunked_attention(qi, k[i : i + 1, :length], v[i : i + 1, :length], idx, block_size,
+                                    length - 1, scale)  # fmt: skip
+        outs.append(o[:, 0])
+        lses.append(lse[:, 0])
+        idxs.append(idx[:, 0])
+    return torch.cat(outs), torch.cat(lses), torch.cat(idxs)
