@@ -29,7 +29,8 @@ def _run(script: str, out: Path, *extra: str) -> tuple[dict, str]:
 @pytest.mark.slow
 def test_bench_train_times_every_mode_and_checks_targets(tmp_path: Path) -> None:
     result, report = _run("bench_train.py", tmp_path / "train.json", "--modes", "full", "ssa",
-                  "--data.seq_length", "64", "--train.micro_batch_size", "2", "--profile", "1")  # fmt: skip
+                  "--data.seq_length", "64", "--model.block_count", "2", "--train.micro_batch_size", "2",
+                  "--profile", "1")  # fmt: skip
     rows = {r["mode"]: r for r in result["rows"]}
     assert set(rows) == {"full", "ssa"}
     for row in rows.values():
