@@ -37,6 +37,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     # Transformer layers.
     num_layers: int = 2
+    # Model width (residual stream).
     hidden_size: int = 64
     # Hidden size of the SwiGLU MLP.
     ffn_hidden_size: int = 256
