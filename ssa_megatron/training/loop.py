@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from ssa_megatron.model.alignment import tracker
-from ssa_megatron.model.mode import draw_mode
+from ssa_megatron.model.mode import planned_modes
 from ssa_megatron.parallel.state import collective_device
 from ssa_megatron.training.config import TrainConfig
 from ssa_megatron.training.engine import Batch, Engine, loss_func, shard_batch
@@ -41,11 +41,7 @@ class NonFiniteError(RuntimeError):
 
 def drawn_modes(model_config: Any, iteration: int, num_microbatches: int) -> list[str]:
     """The attention mode that drives each micro-batch of an iteration (what every SSA layer draws)."""
-    if model_config.attention_mode != "ssa":
-        return [model_config.attention_mode] * num_microbatches
-    return [
-        draw_mode(model_config.mode_seed, iteration, i, model_config.p_full) for i in range(num_microbatches)
-    ]
+    return planned_modes(model_config, iteration, num_microbatches)
 
 
 def ssa_step_metrics(model_config: Any) -> dict[str, float]:
