@@ -62,8 +62,10 @@ from streaming.base.world import World
 from torch.utils.data import DataLoader
 
 from ssa_megatron.data.batch import rows_to_batch
-from ssa_megatron.data.config import DataConfig, StreamSpec
+from ssa_megatron.data.config import DEFAULT_CACHE_DIR, DataConfig, StreamSpec
 from ssa_megatron.data.http_remote import register_http_remote
+from ssa_megatron.data.namespace import NamespaceError, cache_identity, open_claim
+from ssa_megatron.data.namespace import release as release_namespace
 from ssa_megatron.data.sources import resolve_hash
 from ssa_megatron.data.streaming_env import LaunchLike, apply_launch
 
@@ -145,28 +147,51 @@ class ReplicaStreamingDataset(StreamingDataset):
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         try:
             super().prepare_shard(shard_id, blocking)
-            if shard_id not in self._checked_shards:
-                stream = self.streams[self.stream_per_shard[shard_id]]
-                shard = self.shards[shard_id]
-                raw = os.path.join(stream.local, stream.split or "", shard.file_pairs[0][0].basename)
-                if os.path.isfile(raw):
-                    check_offset_table(raw, shard.samples)
-                    self._checked_shards.add(shard_id)
+            self._verify(shard_id)
         except DataError as err:
             self._data_error = err
             raise
         except Exception as err:
-            message = str(err).replace("Checksum failure", "hash mismatch (the shard is corrupted)")
+            message = str(err)
+            if "Checksum failure" in message:
+                message = "hash mismatch (the shard is corrupted); re-write or re-upload it"
+                self._drop_cached(shard_id)
             label = self._shard_label(shard_id)
             self._data_error = DataError(f"shard {label}: {type(err).__name__}: {message}")
             raise self._data_error from err
+
+    def _verify(self, shard_id: int) -> None:
+        """Check a local shard's offset table once per process (before its first row is read)."""
+        if shard_id in self._checked_shards:
+            return
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        shard = self.shards[shard_id]
+        raw = os.path.join(stream.local, stream.split or "", shard.file_pairs[0][0].basename)
+        if os.path.isfile(raw):
+            check_offset_table(raw, shard.samples)
+            self._checked_shards.add(shard_id)
+
+    def _drop_cached(self, shard_id: int) -> None:
+        """Delete a downloaded copy that failed its hash, so the next run downloads it again."""
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        if stream.remote is None:
+            return  # the shard is read in place: never delete the source
+        for pair in self.shards[shard_id].file_pairs:
+            for info in pair:
+                if info is not None:
+                    path = os.path.join(stream.local, stream.split or "", info.basename)
+                    if os.path.isfile(path):
+                        os.remove(path)
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
         if self._data_error is not None:
             raise self._data_error
         try:
+            shard_id, _ = self.spanner[sample_id]
+            self._verify(shard_id)
             return super().get_item(sample_id, retry)
-        except DataError:
+        except DataError as err:
+            self._data_error = err
             raise
         except Exception as err:
             if self._data_error is not None:
@@ -255,6 +280,7 @@ class PackedRowLoader:
     def close(self) -> None:
         """Release streaming's shared memory now (before building another loader on the same cache)."""
         self._loader = None  # type: ignore[assignment]
+        release_namespace(getattr(getattr(self.dataset, "_shm_prefix_int", None), "namespace", None))
         del self.dataset
 
 
@@ -332,6 +358,20 @@ def build_loaders(
             "build_loaders needs launch=... in a multi-process run (e.g. "
             "launch=ssa_megatron.training.launch.detect_launch()) so streaming sees the node layout"
         )
+    # Each run reads through its own streaming namespace (see namespace.py for why runs on one node
+    # otherwise crash or silently share sample partitions); a second live run on the same cache is refused.
+    node, local_rank = (launch.rank // launch.local_world_size, launch.local_rank) if launch else (0, 0)
+    try:
+        claim = open_claim(cache_identity(cfg, DEFAULT_CACHE_DIR), node=node, is_local_leader=local_rank == 0)
+    except NamespaceError as err:
+        raise DataError(str(err)) from None
+    with claim.active():
+        return _build_train_valid(cfg, micro_batch_size, seq_len, dp_rank, dp_size, with_row_ids)
+
+
+def _build_train_valid(
+    cfg: DataConfig, micro_batch_size: int, seq_len: int, dp_rank: int, dp_size: int, with_row_ids: bool
+) -> tuple[PackedRowLoader, PackedRowLoader | None]:
     train = PackedRowLoader(
         build_dataset(cfg, cfg.train, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                       shuffle=cfg.shuffle),
