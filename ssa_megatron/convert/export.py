@@ -3,7 +3,9 @@
 The directory holds ``model.safetensors``, ``config.json`` (with ``auto_map`` so
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` finds the classes), the
 modeling code (``HF_CODE_FILES``, copied verbatim: they import only torch and transformers),
-optionally the tokenizer files, and optionally ``ssa_kernels/``: a copy of this project's
+optionally the tokenizer files (``tokenizer_files``: a fast ``tokenizer.json`` that needs neither
+sentencepiece nor protobuf, its config and special-token map) with ``generation_config.json`` holding
+the EOS id, and optionally ``ssa_kernels/``: a copy of this project's
 ``kernels.ssa`` package whose absolute ``kernels.ssa`` imports are rewritten to relative ones so
 the copy imports as a private package of the model directory (see ``modeling_ssa.load_shipped_kernels``).
 
@@ -14,13 +16,16 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import json
+import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from ssa_megatron.hf.configuration_ssa import SSAConfig
 from ssa_megatron.hf.modeling_ssa import SHIPPED_KERNELS_DIR, SSAForCausalLM
+
+from .tokenizer_files import write_tokenizer_files
 
 HF_CODE_FILES = ("configuration_ssa.py", "modeling_ssa.py", "ssa_attention.py")
 AUTO_MAP = {
@@ -28,12 +33,6 @@ AUTO_MAP = {
     "AutoModel": "modeling_ssa.SSAModel",
     "AutoModelForCausalLM": "modeling_ssa.SSAForCausalLM",
 }
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
 _HF_DIR = Path(__file__).resolve().parents[1] / "hf"
 
 # `from kernels.ssa import x` -> `from . import x`; `from kernels.ssa.m import x` -> `from .m import x`.
@@ -79,31 +78,37 @@ def ship_kernels(out_dir: str | Path) -> Path:
     return dst
 
 
-def copy_tokenizer(tokenizer_path: str | Path, out_dir: str | Path) -> list[str]:
-    """Copy tokenizer files (a ``*.json``/``*.model`` file, or a directory holding ``TOKENIZER_FILES``)
-    into ``out_dir`` under HF names, adding ``tokenizer_config.json`` for ``AutoTokenizer`` if absent."""
-    src = Path(tokenizer_path)
-    if src.is_dir():
-        pairs = [(src / name, name) for name in TOKENIZER_FILES if (src / name).is_file()]
-    elif src.is_file() and src.suffix in (".json", ".model"):
-        pairs = [(src, "tokenizer" + src.suffix)]
-    else:
-        raise FileNotFoundError(
-            f"tokenizer {src} is neither a tokenizer.json / sentencepiece .model file "
-            "nor a directory holding one"
-        )
-    names = [name for _, name in pairs]
-    if not {"tokenizer.json", "tokenizer.model"} & set(names):
-        raise ValueError(f"{src}: no tokenizer.json (HF tokenizers) or tokenizer.model (sentencepiece) found")
+class ExportError(ValueError):
+    """An export that would lose or mix files (non-empty output without overwrite); names the path."""
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Swap the finished ``tmp`` in as ``out``; the previous ``out`` (if any) is removed only afterwards."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _readable(root: Path) -> None:
+    # save_pretrained and tempfile-based writers leave 0600 files; a model directory is meant to be shared.
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def check_output_dir(out_dir: str | Path, *, overwrite: bool) -> Path:
+    """``out_dir`` as a Path when it may be written: absent, empty, or ``overwrite`` (then it is replaced
+    as a whole once the new export is complete). Refuses a file or a non-empty directory otherwise."""
     out = Path(out_dir)
-    for path, name in pairs:
-        shutil.copyfile(path, out / name)
-    if "tokenizer_config.json" not in names:
-        # A tokenizer.json needs only the `tokenizers` library; a sentencepiece model needs sentencepiece.
-        cls = "PreTrainedTokenizerFast" if "tokenizer.json" in names else "LlamaTokenizer"
-        (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": cls}, indent=2) + "\n")
-        names.append("tokenizer_config.json")
-    return names
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file, not a directory; pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(
+            f"--out {out} is not empty; pass --overwrite to replace its contents, or choose a new directory"
+        )
+    return out
 
 
 def save_hf_directory(
@@ -112,23 +117,44 @@ def save_hf_directory(
     *,
     tokenizer_path: str | Path | None = None,
     include_kernels: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` as a self-contained HF directory (see module docstring); returns its path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config: SSAConfig = model.config
-    config.auto_map = dict(AUTO_MAP)
-    config.architectures = ["SSAForCausalLM"]
-    # No safe_serialization argument: safetensors is the default of transformers >= 4.35, and 5.x removed the
-    # argument (it would be swallowed silently).
-    model.save_pretrained(out)
-    for name in HF_CODE_FILES:
-        shutil.copyfile(_HF_DIR / name, out / name)
-    if include_kernels:
-        ship_kernels(out)
-    if tokenizer_path is not None:
-        copy_tokenizer(tokenizer_path, out)
-    (out / "README.md").write_text(_model_card(config, include_kernels), encoding="utf-8")
+    """Write ``model`` as a self-contained HF directory (see module docstring); returns its path.
+
+    Everything is written into a sibling temporary directory that replaces ``out_dir`` only when
+    complete, so a failed export leaves ``out_dir`` as it was. With a tokenizer, its BOS/EOS/PAD ids go
+    into config.json and generation_config.json, so ``generate()`` stops at EOS.
+    """
+    from transformers import GenerationConfig
+
+    out = check_output_dir(out_dir, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        config: SSAConfig = model.config
+        config.auto_map = dict(AUTO_MAP)
+        config.architectures = ["SSAForCausalLM"]
+        if tokenizer_path is not None:
+            specials = write_tokenizer_files(
+                tokenizer_path, tmp, model_max_length=config.max_position_embeddings
+            )
+            for key, value in specials.ids().items():
+                setattr(config, key, value)
+        ids = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        model.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+        # No safe_serialization argument: safetensors is the default of transformers >= 4.35, and 5.x removed
+        # the argument (it would be swallowed silently).
+        model.save_pretrained(tmp)
+        for name in HF_CODE_FILES:
+            shutil.copyfile(_HF_DIR / name, tmp / name)
+        if include_kernels:
+            ship_kernels(tmp)
+        (tmp / "README.md").write_text(_model_card(config, include_kernels), encoding="utf-8")
+        _readable(tmp)
+        _publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return out
 
 
