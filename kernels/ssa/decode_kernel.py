@@ -35,7 +35,7 @@ from kernels.ssa.selection_kernel import exact_dots
 
 LOG2E = 1.4426950408889634
 # Blocks scored per program of the two selection kernels.
-_SELECT_TILE = 128
+_SELECT_TILE = 256
 # Keys gathered per attention chunk (the selected blocks' tokens, all loads of a chunk in flight).
 _ATTN_CHUNK_TOKENS = 256
 
@@ -204,11 +204,12 @@ def decode_select(
     strides = (q.stride(0), q.stride(1), kblock.stride(0), kblock.stride(1), kblock.stride(2))
     _decode_lse_kernel[(b * h, nt)](
         q, kblock, lens, m_part, l_part, *strides, h, g, nt, scale,
-        BS=block_size, GP=gp, BN=bn, D=d, IEEE=ieee, num_warps=4,
+        BS=block_size, GP=gp, BN=bn, D=d, IEEE=ieee, num_warps=8 if bn >= 256 else 4,
     )  # fmt: skip
     _decode_score_kernel[(b * h, nt)](
         q, kblock, lens, m_part, l_part, keys, *strides, h, g, nt, nb, scale,
-        BS=block_size, GP=gp, BN=bn, NTP=max(2, next_pow2(nt)), D=d, IEEE=ieee, num_warps=4,
+        BS=block_size, GP=gp, BN=bn, NTP=max(2, next_pow2(nt)), D=d, IEEE=ieee,
+        num_warps=8 if bn >= 256 else 4,
     )  # fmt: skip
     n_top = min(block_count - 1, nb)
     top = torch.topk(keys, n_top, dim=1).values if n_top > 0 else keys[:, :0]
@@ -260,3 +261,32 @@ def sparse_decode(
     idx = decode_select(q, kblock, seq_lens, block_size, block_count, scale)
     o, lse = decode_attention(q, k, v, idx, seq_lens, block_size, scale)
     return o, lse, idx
+
+
+def decode_read_bytes(
+    batch: int, context: int, heads: int, group: int, head_dim: int, block_size: int, block_count: int,
+    elem_bytes: int,
+) -> dict[str, int]:  # fmt: skip
+    """Bytes one layer's decoding step reads at ``context`` tokens (the new query's key included).
+
+    ``full``: every cached key and value. ``minimum`` (sparse): the complete blocks' keys once plus
+    the selected blocks' keys and values. ``kernels``: what the three sparse launches request, with
+    the block keys read twice (the LSE pass, then the scoring pass up to the own block), each
+    scoring program's merge of the partial sums, the int64 ranking keys written and read back by the
+    top-k, and the selected blocks. Reads that hit L2 (the second block-key pass, the partial sums)
+    count here like DRAM reads.
+    """
+    rows = -(-context // block_size)  # block-key rows of the cache
+    complete = context // block_size
+    own = (context - 1) // block_size
+    bn = min(_SELECT_TILE, max(16, next_pow2(rows)))
+    tiles = -(-rows // bn)
+    gp = max(16, next_pow2(group))
+    block_keys = complete * head_dim * elem_bytes
+    selected = 2 * min(block_count, own + 1) * block_size * head_dim * elem_bytes
+    partial_sums = -(-own // bn) * tiles * gp * 8
+    second_pass = own * head_dim * elem_bytes
+    kernels = block_keys + second_pass + partial_sums + 2 * 8 * rows + selected + 4 * block_count
+    units = batch * heads
+    full = 2 * context * head_dim * elem_bytes
+    return {"full": units * full, "minimum": units * (block_keys + selected), "kernels": units * kernels}
