@@ -17,9 +17,9 @@ from transformers.cache_utils import DynamicCache
 from ssa_megatron.convert.export import ship_kernels
 from ssa_megatron.convert.presets import tiny_config
 from ssa_megatron.hf.modeling_ssa import (
-    _DECODE_BLOCK_KEYS,
     SSAForCausalLM,
     SSAStaticCache,
+    decode_block_keys_of,
     load_shipped_kernels,
 )
 
@@ -37,7 +37,7 @@ def greedy_pair(model: SSAForCausalLM, prompt: torch.Tensor, new: int) -> tuple[
         cached = model.generate(prompt, past_key_values=cache, use_cache=True, **kw)
         rerun = model.generate(prompt, use_cache=False, **kw)
     # The decode path ran: every layer kept block keys covering all but the last generated token.
-    entries = _DECODE_BLOCK_KEYS.get(cache, {})
+    entries = decode_block_keys_of(cache)
     assert sorted(entries) == list(range(model.config.num_hidden_layers))
     assert {covered for _, covered in entries.values()} == {cached.shape[1] - 1}
     return cached, rerun

@@ -30,7 +30,6 @@ import importlib.util
 import logging
 import os
 import sys
-import weakref
 from collections.abc import Iterator
 from types import ModuleType, SimpleNamespace
 from typing import Any, ClassVar
@@ -202,7 +201,7 @@ class SSAAttention(nn.Module):
         q_offset = k.shape[1] - t
         ops = self._ops(q)
         if cache is not None and t > 1:
-            _DECODE_BLOCK_KEYS.get(cache, {}).pop(self.layer_idx, None)  # rebuilt at the next decoding step
+            decode_block_keys_of(cache).pop(self.layer_idx, None)  # rebuilt at the next decoding step
         if (
             cache is not None
             and t == 1
@@ -263,7 +262,8 @@ class SSAAttention(nn.Module):
         bs = self.config.block_size
         b, length, h, d = k.shape
         need = -(-length // bs)
-        entry = _DECODE_BLOCK_KEYS.setdefault(cache, {}).get(self.layer_idx)
+        entries = decode_block_keys_of(cache)
+        entry = entries.get(self.layer_idx)
         stale = (
             entry is None
             or entry[1] < length - 1
@@ -283,15 +283,21 @@ class SSAAttention(nn.Module):
                 grown[:, : buf.shape[1]] = buf
                 buf = grown
             ops.decode_block_keys(k, buf, seq_lens, bs)
-        _DECODE_BLOCK_KEYS[cache][self.layer_idx] = (buf, length)
+        entries[self.layer_idx] = (buf, length)
         return buf[:, :need]
 
 
-# Per cache object: {layer: (block keys [B, capacity, H, D], tokens they cover)}. Weak keys, so the
-# block keys go when the cache does; a forward of several tokens drops them (rebuilt when needed).
-_DECODE_BLOCK_KEYS: weakref.WeakKeyDictionary[Any, dict[int, tuple[torch.Tensor, int]]] = (
-    weakref.WeakKeyDictionary()
-)
+_BLOCK_KEYS_ATTR = "_ssa_decode_block_keys"
+
+
+def decode_block_keys_of(cache: Any) -> dict[int, tuple[torch.Tensor, int]]:
+    """The decode path's block keys kept on ``cache``: ``{layer: (block keys [B, capacity, H, D], tokens
+    covered)}``. Stored on the cache object itself, so they live and go with it (any cache class)."""
+    entries = getattr(cache, _BLOCK_KEYS_ATTR, None)
+    if entries is None:
+        entries = {}
+        setattr(cache, _BLOCK_KEYS_ATTR, entries)
+    return entries
 
 
 class SSAStaticCache:
