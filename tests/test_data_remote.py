@@ -236,8 +236,12 @@ def test_prepare_data_writes_to_s3_and_refuses_to_replace_it(
     )
     assert "Traceback" not in again.stderr
     # Same rows as a local prepare of the same inputs (the upload is byte-for-byte the local output).
+    from ssa_megatron.data.prepare import prepare_dataset
+
     local = tmp_path / "local"
-    assert prepare(corpus, str(local), clean_env()).returncode == 0
+    prepare_dataset(
+        [str(corpus[0])], local, corpus[1], SEQ, valid_fraction=0.15, shard_size_limit=2048, progress=False
+    )
     client = s3_client(s3_endpoint)
     for split in ("train", "val"):
         for name in os.listdir(local / split):
@@ -412,35 +416,39 @@ def test_mixture_draws_its_configured_proportions(local_sets: tuple[Path, Path])
 def test_sample_by_splits_text_files(
     sample_by: str, documents: int, corpus: tuple[Path, Path], tmp_path: Path
 ) -> None:
+    from ssa_megatron.data.prepare import prepare_dataset
+
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text("first para\nstill first\n\nsecond para\n\n\nthird\n")
     (tmp_path / "in" / "b.txt").write_text("one\n\ntwo lines\nhere\n")
-    out = tmp_path / "out"
-    proc = run_tool(
-        [
-            "tools/prepare_data.py",
-            "--input",
-            str(tmp_path / "in"),
-            "--output",
-            str(out),
-            "--tokenizer",
-            str(corpus[1]),
-            "--seq-len",
-            "8",
-            "--no-progress",
-            "--sample-by",
-            sample_by,
-            "--summary-json",
-            str(tmp_path / "s.json"),
-        ],
-        clean_env(),
+    summary = prepare_dataset(
+        [str(tmp_path / "in")], tmp_path / "out", corpus[1], 8, progress=False, sample_by=sample_by
     )
-    assert proc.returncode == 0, proc.stderr
-
-    summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["splits"]["train"]["documents"] == documents
+    assert summary.splits["train"].documents == documents
     # Blank lines separate paragraphs; they are warnings only when reading line by line.
-    assert (summary["skipped"].get("empty", 0) > 0) == (sample_by == "line")
+    assert (summary.skipped.get("empty", 0) > 0) == (sample_by == "line")
+
+
+def test_prepare_data_cli_takes_sample_by(corpus: tuple[Path, Path], tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n")
+    args = [
+        "tools/prepare_data.py",
+        "--input",
+        str(tmp_path / "a.txt"),
+        "--tokenizer",
+        str(corpus[1]),
+        "--seq-len",
+        "8",
+        "--no-progress",
+        "--summary-json",
+        str(tmp_path / "s.json"),
+    ]
+    proc = run_tool([*args, "--output", str(tmp_path / "out"), "--sample-by", "paragraph"], clean_env())
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["splits"]["train"]["documents"] == 2
+    bad = run_tool([*args, "--output", str(tmp_path / "out2"), "--sample-by", "sentence"], clean_env())
+    assert bad.returncode == 2 and "--sample-by: invalid choice: 'sentence'" in bad.stderr
+    assert not (tmp_path / "out2").exists()
 
 
 @pytest.mark.slow
@@ -464,3 +472,50 @@ def test_training_from_s3_matches_training_from_a_local_copy(
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert losses(remote.stdout) == losses(plain.stdout) and len(losses(plain.stdout)) == 4
     assert "s3cr3t-v4lue" not in remote.stdout + remote.stderr  # credentials are never printed
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([("data", "validate_hash", "md6")], "data.validate_hash='md6'; choose auto, none or one of"),
+        ([("data", "download_retry", "0")], "data.download_retry=0 must be >= 1"),
+        ([("data", "download_timeout", "0")], "data.download_timeout=0.0 must be a positive number"),
+        ([("data", "predownload", "0")], "data.predownload=0 must be >= 1"),
+        ([("data", "shuffle_algo", "py9")], "data.shuffle_algo='py9'; choose one of"),
+        ([("data", "cache_dir", "s3://b/cache")], "must be a node-local directory, not a URI"),
+        (
+            [("data", "path", "s3://b/x"), ("data", "build_demo", "true")],
+            "data.build_demo=true needs a local",
+        ),
+        ([("data", "streams", "[{path: /a}]")], "data.path and data.streams are both set"),
+        ([("data", "path", ""), ("data", "streams", "[{path: /a, weight: 2}]")], "unknown keys ['weight']"),
+        (
+            [("data", "path", ""), ("data", "streams", "[{path: /a, proportion: 1, repeat: 2}]")],
+            "sets proportion and repeat; give at most one",
+        ),
+        (
+            [("data", "path", ""), ("data", "streams", "[{path: /a, choose: 1.5}]")],
+            "must be a positive integer",
+        ),
+        ([("data", "path", ""), ("data", "streams", "[{path: /a}, {path: /a}]")], "more than once"),
+        ([("data", "path", "s3://")], "names no bucket or host"),
+        ([("data", "streams", "{path: /a}")], "data.streams: expected a list"),
+    ],
+)
+def test_data_keys_are_validated_at_load(overrides: list[tuple[str, str, str]], message: str) -> None:
+    from ssa_megatron.training.config import ConfigError, load_config
+
+    base = [("data", "path", "/data/set"), ("data", "tokenizer", "/t.model"), ("data", "seq_length", "512")]
+    load_config(None, base)  # the base is valid: each case fails for its own key
+    with pytest.raises(ConfigError) as err:
+        load_config(None, base + overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_known_hashes_and_shuffles_are_streamings() -> None:
+    from streaming.base.hashing import get_hashes
+    from streaming.base.shuffle import algos
+
+    from ssa_megatron.data.sources import HASH_ALGOS, SHUFFLE_ALGOS
+
+    assert set(HASH_ALGOS) == set(get_hashes()) and set(SHUFFLE_ALGOS) == set(algos)
