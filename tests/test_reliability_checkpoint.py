@@ -40,7 +40,7 @@ def cli_args(data: str, ckpt: str | None, *extra: str) -> list[str]:
         "data.path": data,
         "data.tokenizer": data + "/tokenizer.model",
         "data.build_demo": "false",
-        "data.seq_length": "64",
+        "data.seq_length": "128",
         "model.num_layers": "2",
         "model.hidden_size": "64",
         "model.ffn_hidden_size": "192",

@@ -364,8 +364,11 @@ def _dist_load(sharded_sd: dict[str, Any], path: Path, what: str) -> dict[str, A
         return dist_checkpointing.load(sharded_sd, str(path))
     # torch.distributed.checkpoint wraps reader errors in CheckpointException, a BaseException.
     except (Exception, CheckpointException) as err:
+        # CheckpointException's text carries each rank's whole traceback; its last line is the cause.
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        cause = lines[-1].strip() if lines else type(err).__name__
         raise CheckpointError(
-            f"checkpoint {path.parent}: could not read the {what} ({type(err).__name__}: {err}). "
+            f"checkpoint {path.parent}: could not read the {what} ({cause}). "
             "The files are damaged or truncated, or the model shape differs from the config that saved it "
             f"(see {path.parent}/config.yaml)"
         ) from err
@@ -420,6 +423,62 @@ def load_model_weights(path: Path, model: list[torch.nn.Module]) -> dict[str, An
     for i, chunk in enumerate(model):
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model))])
     return meta
+
+
+def read_model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of checkpoint ``path`` (an iter_* directory), unsharded, by its saved key, without
+    building a model (any TP/PP layout): what the converters and evaluation read. One process; it joins a
+    one-rank group for the read when no process group exists."""
+    _check_complete(path)
+    model_dir = path / "model"
+    for name in ("metadata.json", ".metadata"):
+        if not (model_dir / name).is_file():
+            raise CheckpointError(
+                f"checkpoint {path}: model weights are missing ({model_dir / name} not found)"
+            )
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(model_dir)).read_metadata().storage_data or {}
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpoint {path}: {model_dir / '.metadata'} is unreadable ({type(err).__name__}); it is "
+            "damaged"
+        ) from err
+    needed = sorted({info.relative_path for info in storage.values()})
+    missing = [name for name in needed if not (model_dir / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path}: shard file(s) {missing} missing ({len(needed)} expected); copy the full "
+            "checkpoint"
+        )
+    own_group = not dist.is_initialized()
+    if own_group:
+        from ssa_megatron.training.launch import LaunchEnv, init_distributed
+
+        init_distributed(LaunchEnv(0, 1, 0, 1, "single"), torch.device("cpu"))
+    try:
+        tensors = dist_checkpointing.load_plain_tensors(str(model_dir))
+    except (Exception, CheckpointException) as err:
+        # Name the shard that fails to read (a truncated file), not only the reader's own exception.
+        short = [name for name in needed if _truncated(model_dir, name, storage)]
+        where = f"shard file(s) {short} are truncated" if short else "a shard file is damaged"
+        raise CheckpointError(
+            f"checkpoint {path}: cannot read the model weights in {model_dir}: {where} "
+            f"({type(err).__name__}); copy the checkpoint again"
+        ) from err
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    return {
+        k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+    }
+
+
+def _truncated(model_dir: Path, name: str, storage: dict[Any, Any]) -> bool:
+    ends = [info.offset + info.length for info in storage.values() if info.relative_path == name]
+    end = max(ends, default=0)
+    return (model_dir / name).stat().st_size < end
 
 
 def load_checkpoint(path: Path, model: list[torch.nn.Module], optimizer: Any, scheduler: Any) -> LoadedState:
