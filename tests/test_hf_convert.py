@@ -17,6 +17,7 @@ from ssa_megatron.convert.llama_import import (
 )
 from ssa_megatron.convert.megatron_bridge import CheckpointFormatError, export_checkpoint_to_hf
 from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
+from ssa_megatron.training.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,12 +182,17 @@ def test_export_refuses_damaged_checkpoints_and_wrong_tokenizers(converted: dict
         CheckpointFormatError, match=r"big\.json has 201 tokens but the checkpoint's embedding has 96"
     ):
         export_checkpoint_to_hf(converted["ckpt"], tmp_path / "o1", tokenizer=tmp_path / "big.json")
+    with pytest.raises(CheckpointFormatError, match=r"ids beyond the checkpoint's 96 embedding rows"):
+        export_checkpoint_to_hf(
+            converted["ckpt"], tmp_path / "o1", tokenizer=tmp_path / "big.json", allow_vocab_mismatch=True
+        )
+    assert not (tmp_path / "o1").exists()
 
     broken = tmp_path / "broken"
     shutil.copytree(converted["ckpt"], broken)
     shard = sorted((broken / "iter_0000000" / "model").glob("*.distcp"))[-1]
     shard.unlink()
-    with pytest.raises(CheckpointFormatError, match=rf"shard file\(s\) \['{shard.name}'\] missing"):
+    with pytest.raises(CheckpointError, match=rf"shard file\(s\) \['{shard.name}'\] missing"):
         export_checkpoint_to_hf(broken, tmp_path / "o2")
 
     wrong = tmp_path / "wrong"
@@ -197,7 +203,7 @@ def test_export_refuses_damaged_checkpoints_and_wrong_tokenizers(converted: dict
         export_checkpoint_to_hf(wrong, tmp_path / "o3")
 
     (wrong / "latest").write_text("iter_0000009\n")
-    with pytest.raises(CheckpointFormatError, match="names 'iter_0000009', which is missing"):
+    with pytest.raises(CheckpointError, match="points at 'iter_0000009', which does not exist"):
         export_checkpoint_to_hf(wrong, tmp_path / "o4")
 
 

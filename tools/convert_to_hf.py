@@ -11,12 +11,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from ssa_megatron.convert.cli import DAMAGED, USAGE, fail, quiet_third_party
+
+quiet_third_party()
+PROG = "convert_to_hf.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", help="checkpoint.dir (with `latest`) or one iter_* directory")
-    p.add_argument("--out", help="output directory for the HF model")
+    p.add_argument("--out", help="output directory for the HF model (absent or empty, or pass --overwrite)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out (its old contents go only once the new export is complete)",
+    )
     p.add_argument(
         "--tokenizer",
         help="tokenizer.json / sentencepiece .model (default: data.tokenizer of the "
@@ -32,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-kernels", action="store_true", help="do not ship the Triton kernels (PyTorch path only)"
     )
+    p.add_argument(
+        "--allow-vocab-mismatch",
+        action="store_true",
+        help="export with a tokenizer whose vocabulary does not match the checkpoint's embedding (its ids "
+        "must still fit)",
+    )
     return p
 
 
@@ -42,20 +61,38 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--checkpoint is required")
     if not args.out:
         parser.error("--out is required")
+    if args.block_count is not None and args.block_count < 1:
+        parser.error(f"--block-count {args.block_count} must be >= 1")
+    if not Path(args.checkpoint).is_dir():
+        fail(PROG, f"--checkpoint {args.checkpoint} is not a directory; pass checkpoint.dir or an iter_* "
+             "directory", USAGE)  # fmt: skip
+    if args.tokenizer and not Path(args.tokenizer).exists():
+        fail(PROG, f"--tokenizer {args.tokenizer} does not exist; pass a tokenizer.json or .model", USAGE)
 
     import torch
 
-    from ssa_megatron.convert.megatron_bridge import export_checkpoint_to_hf
+    from ssa_megatron.convert.export import ExportError, check_output_dir
+    from ssa_megatron.convert.megatron_bridge import TokenizerMismatchError, export_checkpoint_to_hf
+    from ssa_megatron.convert.tokenizer_files import TokenizerExportError
+    from ssa_megatron.training.checkpoint import CheckpointError
 
-    overrides = {"block_count": args.block_count} if args.block_count else {}
-    out = export_checkpoint_to_hf(
-        args.checkpoint,
-        args.out,
-        tokenizer=args.tokenizer,
-        include_kernels=not args.no_kernels,
-        dtype=getattr(torch, args.dtype),
-        **overrides,
-    )
+    try:
+        check_output_dir(args.out, overwrite=args.overwrite)
+        overrides = {"block_count": args.block_count} if args.block_count else {}
+        out = export_checkpoint_to_hf(
+            args.checkpoint,
+            args.out,
+            tokenizer=args.tokenizer,
+            include_kernels=not args.no_kernels,
+            dtype=getattr(torch, args.dtype),
+            overwrite=args.overwrite,
+            allow_vocab_mismatch=args.allow_vocab_mismatch,
+            **overrides,
+        )
+    except (ExportError, TokenizerExportError, TokenizerMismatchError) as err:
+        fail(PROG, err, USAGE)
+    except CheckpointError as err:
+        fail(PROG, err, DAMAGED)
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 

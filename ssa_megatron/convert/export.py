@@ -82,7 +82,7 @@ class ExportError(ValueError):
     """An export that would lose or mix files (non-empty output without overwrite); names the path."""
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def publish_dir(tmp: Path, out: Path) -> None:
     """Swap the finished ``tmp`` in as ``out``; the previous ``out`` (if any) is removed only afterwards."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
@@ -151,7 +151,7 @@ def save_hf_directory(
             ship_kernels(tmp)
         (tmp / "README.md").write_text(_model_card(config, include_kernels), encoding="utf-8")
         _readable(tmp)
-        _publish(tmp, out)
+        publish_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

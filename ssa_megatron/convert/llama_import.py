@@ -33,11 +33,35 @@ class LlamaImportError(ValueError):
     """The HF checkpoint is not a convertible Llama-architecture model; the message names file and field."""
 
 
+class LlamaReadError(LlamaImportError):
+    """A file of the HF checkpoint is damaged or truncated; the message names it."""
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises SafetensorError / OSError for damaged files
+        raise LlamaReadError(
+            f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "the file is truncated or damaged, download it again"
+        ) from err
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LlamaReadError(f"{path} is not readable JSON ({type(err).__name__}); it is damaged") from err
+    if not isinstance(data, dict):
+        raise LlamaImportError(f"{path} holds a {type(data).__name__}, not a JSON object")
+    return data
+
+
 def read_llama_config(path: str | Path) -> dict[str, Any]:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise LlamaImportError(f"{config_file} is missing; point --hf at a Hugging Face model directory")
-    cfg = json.loads(config_file.read_text(encoding="utf-8"))
+    cfg = _read_json(config_file)
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") != "llama" or (archs and "LlamaForCausalLM" not in archs):
         raise LlamaImportError(
@@ -86,6 +110,12 @@ def ssa_config_from_llama(
             "model would differ from the original. Pass --drop-rope-scaling to convert anyway (positional "
             "behaviour then changes for low RoPE frequencies)"
         )
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    absent = [key for key in required if not isinstance(cfg.get(key), int)]
+    if absent:
+        raise LlamaImportError(
+            f"{source}: {absent} missing or not integers; this is not a complete Llama config"
+        )
     heads = int(cfg["num_attention_heads"])
     max_pos = int(cfg.get("max_position_embeddings", 8192))
     return SSAConfig(
@@ -114,13 +144,13 @@ def read_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     single, index = p / "model.safetensors", p / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(single)
+        return _load_safetensors(single)
     if not index.is_file():
         raise LlamaImportError(
             f"{p}: neither model.safetensors nor model.safetensors.index.json found (pytorch_model.bin "
             "is not read; re-save it with save_pretrained, which writes safetensors by default)"
         )
-    weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+    weight_map = _read_json(index).get("weight_map", {})
     shards = sorted(set(weight_map.values()))
     missing = [s for s in shards if not (p / s).is_file()]
     if missing:
@@ -129,7 +159,7 @@ def read_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
         )
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
-        state.update(load_file(p / shard))
+        state.update(_load_safetensors(p / shard))
     absent = sorted(set(weight_map) - set(state))
     if absent:
         raise LlamaImportError(f"{index}: tensors {absent[:5]} are listed but not found in their shard files")

@@ -1,7 +1,8 @@
 """Megatron side of the HF conversion: read training checkpoints, build/convert Megatron SSA models.
 
-Not shipped in exported directories; it imports megatron lazily, inside functions, so importing
-``ssa_megatron.convert`` stays megatron-free. The name/layout mapping itself is ``weight_mapping``.
+Not shipped in exported directories. Checkpoints are read through the training stack's reader
+(``ssa_megatron.training.checkpoint``: one reader, one error type, ``CheckpointError``); the name/layout
+mapping itself is ``weight_mapping``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import yaml
 
 from ssa_megatron.hf.configuration_ssa import SSAConfig
 from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
+from ssa_megatron.training.checkpoint import CheckpointError, read_model_tensors, resolve_checkpoint
 
 from .weight_mapping import (
     MappingError,
@@ -23,7 +25,8 @@ from .weight_mapping import (
     training_model_section,
 )
 
-LATEST, COMPLETE = "latest", "complete.json"
+# Training pads the vocabulary to a multiple of this x TP (see ssa_megatron.training.runner).
+VOCAB_PADDING = 128
 _STACKED = "decoder.layers."
 # SSAConfig fields that define the model (everything else in to_dict() is transformers bookkeeping).
 _SSA_INIT_KEYS = frozenset(
@@ -50,8 +53,13 @@ _SSA_INIT_KEYS = frozenset(
 )
 
 
-class CheckpointFormatError(ValueError):
-    """A checkpoint directory is missing a file or holds the wrong architecture; the message names both."""
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint that reads but cannot be converted (wrong architecture, config, tokenizer); the message
+    names the file and the reason."""
+
+
+class TokenizerMismatchError(CheckpointFormatError):
+    """The tokenizer given for an export is not the checkpoint's (its vocabulary does not match)."""
 
 
 def megatron_config(
@@ -90,22 +98,15 @@ def build_megatron_model(config: SSAConfig, **kwargs: Any) -> Any:
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """``path`` itself when it is one checkpoint (has complete.json), else what its ``latest`` names."""
+    """``path`` itself when it is one checkpoint, else the one its ``latest`` names (the trainer's rules)."""
     p = Path(path)
-    if (p / COMPLETE).is_file():
-        return p
-    pointer = p / LATEST
-    if pointer.is_file():
-        target = p / pointer.read_text().strip()
-        if not (target / COMPLETE).is_file():
-            raise CheckpointFormatError(
-                f"{pointer} names {target.name!r}, which is missing or incomplete (no {COMPLETE}); point "
-                "--checkpoint at a complete iter_* directory"
-            )
-        return target
-    raise CheckpointFormatError(
-        f"{p} is not a Megatron SSA checkpoint: neither {p / COMPLETE} nor {pointer} exists"
-    )
+    if not p.is_dir():
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not exist; pass checkpoint.dir or one of its iter_* directories"
+        )
+    target = resolve_checkpoint(str(p), None)
+    assert target is not None  # only load="none"/"auto" resolve to None
+    return target
 
 
 def read_training_config(ckpt: Path) -> dict[str, Any]:
@@ -113,7 +114,14 @@ def read_training_config(ckpt: Path) -> dict[str, Any]:
     path = ckpt / "config.yaml"
     if not path.is_file():
         raise CheckpointFormatError(f"{path} is missing; it holds the model shape needed to convert {ckpt}")
-    cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise CheckpointFormatError(
+            f"{path} is not valid YAML ({type(err).__name__}); it is damaged"
+        ) from err
+    if not isinstance(cfg, dict):
+        raise CheckpointFormatError(f"{path} is not a training config (a mapping of sections)")
     model = cfg.get("model")
     required = (
         "num_layers",
@@ -147,53 +155,9 @@ def _unstack_layers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def _load_plain(model_dir: Path) -> dict[str, Any]:
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-
-    if dist.is_initialized():
-        return dist_checkpointing.load_plain_tensors(str(model_dir))
-    # Reading needs a process group even for one process; an in-memory store needs no network or port.
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        return dist_checkpointing.load_plain_tensors(str(model_dir))
-    finally:
-        dist.destroy_process_group()
-
-
-def _check_shard_files(model_dir: Path) -> None:
-    """Name a missing shard up front (torch's own error only says a read failed)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    for name in ("metadata.json", ".metadata"):
-        if not (model_dir / name).is_file():
-            raise CheckpointFormatError(
-                f"{model_dir / name} is missing; {model_dir.parent} has no readable weights"
-            )
-    storage = FileSystemReader(str(model_dir)).read_metadata().storage_data or {}
-    needed = sorted({info.relative_path for info in storage.values()})
-    missing = [name for name in needed if not (model_dir / name).is_file()]
-    if missing:
-        raise CheckpointFormatError(
-            f"{model_dir}: shard file(s) {missing} missing ({len(needed)} expected); copy the full checkpoint"
-        )
-
-
 def read_megatron_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """Every model tensor of a dist checkpoint, unsharded (any TP/PP layout), by single-rank name."""
-    model_dir = ckpt / "model"
-    _check_shard_files(model_dir)
-    try:
-        tensors = _load_plain(model_dir)
-    except Exception as err:
-        raise CheckpointFormatError(
-            f"{model_dir}: cannot read the weights ({type(err).__name__}: {err}); a shard file (*.distcp) is "
-            "missing or damaged"
-        ) from err
-    plain = {
-        k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
-    }
-    return _unstack_layers(plain)
+    return _unstack_layers(read_model_tensors(ckpt))
 
 
 def load_megatron_as_hf(path: str | Path, **config_overrides: Any) -> SSAForCausalLM:
@@ -264,19 +228,28 @@ def write_megatron_checkpoint(
     tp: int = 1,
     pp: int = 1,
     seq_length: int | None = None,
-    tokenizer: str | None = None,
+    tokenizer: str | Path | None = None,
     iteration: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Save ``model`` as a Megatron SSA training checkpoint laid out for ``tp`` x ``pp`` ranks (written by
     that many local gloo processes through the training stack's ``save_checkpoint``).
 
-    The checkpoint holds model weights and a complete training config (defaults for everything but
-    the model shape, the layout and the data length/tokenizer); no optimizer state, so continue from it
-    with ``checkpoint.load=<out_dir> checkpoint.load_weights_only=true``.
+    The checkpoint holds model weights, a copy of the tokenizer file, and a training config that trains
+    as-is once ``data.path`` is given (``--config <ckpt>/iter_*/config.yaml --data.path ...``): the model
+    shape, layout and data length, the tokenizer copy, and ``checkpoint.load`` of these weights with
+    ``load_weights_only`` (no optimizer state is saved). ``out_dir`` must be absent or empty unless
+    ``overwrite``; it is replaced only once the new checkpoint is complete.
     """
+    import shutil
+    import socket
+    import tempfile
+
     import torch.multiprocessing as mp
 
     from ssa_megatron.training.config import config_from_dict
+
+    from .export import check_output_dir, publish_dir
 
     config = model.config
     if config.num_hidden_layers % pp:
@@ -288,44 +261,58 @@ def write_megatron_checkpoint(
     ):
         if n % tp:
             raise ValueError(f"--tp {tp} does not divide {what}={n}")
-    seq = int(seq_length or config.train_seq_length)
-    data = {"seq_length": seq, **({"tokenizer": str(tokenizer)} if tokenizer else {})}
-    sections = {
-        "model": training_model_section(config),
-        "data": data,
-        "parallel": {"tensor": tp, "pipeline": pp},
-        "train": {"precision": "fp32"},
-    }
-    train_config = config_from_dict(sections).to_dict()
-    job = {
-        "tp": tp,
-        "pp": pp,
-        "out": str(out_dir),
-        "iteration": iteration,
-        "train_config": train_config,
-        "config": {k: v for k, v in config.to_dict().items() if k in _SSA_INIT_KEYS},
-        "state": {k: v.detach().float().cpu() for k, v in megatron_state_from_hf(model).items()},
-    }
-    import socket
+    out = check_output_dir(out_dir, overwrite=overwrite).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        data: dict[str, Any] = {"seq_length": int(seq_length or config.train_seq_length)}
+        if tokenizer:
+            # A copy beside the weights, so the config does not depend on where the HF model was.
+            name = Path(tokenizer).name
+            shutil.copyfile(tokenizer, tmp / name)
+            data["tokenizer"] = str(out / name)
+        sections = {
+            "model": training_model_section(config),
+            "data": data,
+            "parallel": {"tensor": tp, "pipeline": pp},
+            "train": {"precision": "fp32"},
+            "checkpoint": {"load": str(out), "load_weights_only": True},
+        }
+        train_config = config_from_dict(sections).to_dict()
+        job = {
+            "tp": tp,
+            "pp": pp,
+            "out": str(tmp),
+            "iteration": iteration,
+            "train_config": train_config,
+            "config": {k: v for k, v in config.to_dict().items() if k in _SSA_INIT_KEYS},
+            "state": {k: v.detach().float().cpu() for k, v in megatron_state_from_hf(model).items()},
+        }
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.start_processes(
+            _save_worker, args=(tp * pp, port, job), nprocs=tp * pp, join=True, start_method="spawn"
+        )
+        publish_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return resolve_checkpoint_dir(out)
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(
-        _save_worker, args=(tp * pp, port, job), nprocs=tp * pp, join=True, start_method="spawn"
-    )
-    return resolve_checkpoint_dir(out_dir)
 
+def check_tokenizer(tokenizer_path: str | Path, vocab_size: int, *, tensor_parallel: int = 1) -> None:
+    """Refuse a tokenizer that is not the checkpoint's: its ids must fit the embedding, and the embedding
+    may exceed it only by the padding training adds (``VOCAB_PADDING`` x TP rows at most)."""
+    from .tokenizer_files import tokenizer_vocab_size
 
-def check_tokenizer(tokenizer_path: str | Path, vocab_size: int) -> None:
-    """Refuse a tokenizer whose ids do not fit the model's embedding (it is not the model's tokenizer)."""
-    from ssa_megatron.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_path)
-    if tok.vocab_size > vocab_size:
-        raise CheckpointFormatError(
-            f"tokenizer {tokenizer_path} has {tok.vocab_size} tokens but the checkpoint's embedding has "
-            f"{vocab_size} rows; it is not the tokenizer this model was trained with"
+    size = tokenizer_vocab_size(tokenizer_path)
+    padding = VOCAB_PADDING * max(1, int(tensor_parallel))
+    if size > vocab_size or vocab_size - size >= padding:
+        raise TokenizerMismatchError(
+            f"tokenizer {tokenizer_path} has {size} tokens but the checkpoint's embedding has {vocab_size} "
+            "rows; it is not the tokenizer this model was trained with (pass the right --tokenizer, or "
+            "--allow-vocab-mismatch to export anyway)"
         )
 
 
@@ -347,20 +334,38 @@ def export_checkpoint_to_hf(
     tokenizer: str | Path | None = None,
     include_kernels: bool = True,
     dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    allow_vocab_mismatch: bool = False,
     **config_overrides: Any,
 ) -> Path:
     """Megatron SSA checkpoint (any TP/PP layout) -> self-contained HF directory (see ``export``).
 
-    ``tokenizer`` defaults to the one the checkpoint's config names (see ``saved_tokenizer``).
+    ``tokenizer`` defaults to the one the checkpoint's config names (see ``saved_tokenizer``); one whose
+    vocabulary does not match the embedding is refused unless ``allow_vocab_mismatch`` (ids beyond the
+    embedding are refused always). The output directory is checked before anything is read.
     """
-    from .export import save_hf_directory
+    from .export import check_output_dir, save_hf_directory
+    from .tokenizer_files import tokenizer_vocab_size
 
+    check_output_dir(out_dir, overwrite=overwrite)
     ckpt = resolve_checkpoint_dir(checkpoint)
-    model = load_megatron_as_hf(ckpt, **config_overrides)
+    train_cfg = read_training_config(ckpt)
     if tokenizer is None:
-        tokenizer = saved_tokenizer(read_training_config(ckpt))
+        tokenizer = saved_tokenizer(train_cfg)
+    model = load_megatron_as_hf(ckpt, **config_overrides)
     if tokenizer is not None:
-        check_tokenizer(tokenizer, model.config.vocab_size)
+        if not allow_vocab_mismatch:
+            tp = int((train_cfg.get("parallel") or {}).get("tensor") or 1)
+            check_tokenizer(tokenizer, model.config.vocab_size, tensor_parallel=tp)
+        elif tokenizer_vocab_size(tokenizer) > model.config.vocab_size:
+            raise TokenizerMismatchError(
+                f"tokenizer {tokenizer} produces ids beyond the checkpoint's {model.config.vocab_size} "
+                "embedding rows; no flag can make that work"
+            )
     return save_hf_directory(
-        model.to(dtype), out_dir, tokenizer_path=tokenizer, include_kernels=include_kernels
+        model.to(dtype),
+        out_dir,
+        tokenizer_path=tokenizer,
+        include_kernels=include_kernels,
+        overwrite=overwrite,
     )

@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import random
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from ssa_megatron.parallel.cpu_compat import enable_cpu_compat
-
-
-def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:
-    """Join the default process group from torchrun-style env vars if it is not joined yet.
-
-    ``backend`` defaults to NCCL with CUDA and gloo without. With CUDA the local rank's GPU is selected
-    first, since NCCL binds communicators to the current device.
-    """
-    if dist.is_initialized():
-        return
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
 
 
 def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
@@ -50,7 +33,12 @@ def initialize_parallel(
     ``destroy_parallel``: calling it twice without destroying raises, like megatron itself.
     """
     enable_cpu_compat()
-    init_distributed(backend)
+    if not dist.is_initialized():
+        # One way to join the job's process group: the launcher-aware one the trainer uses.
+        from ssa_megatron.training.launch import detect_launch, init_distributed
+
+        cuda = torch.cuda.is_available() if backend is None else backend == "nccl"
+        init_distributed(detect_launch(), torch.device("cuda" if cuda else "cpu"))
     world = dist.get_world_size()
     model_parallel = tensor_parallel * pipeline_parallel * context_parallel
     if world % model_parallel:

@@ -1,0 +1,43 @@
+"""What the export, import and evaluation command lines share: quiet third-party noise, one-line errors.
+
+Exit codes: 2 for usage and input errors (a flag value, a path that does not exist, an output directory
+that is not empty, a tokenizer that is not the model's, data that does not fit the model), 1 for damaged
+or unreadable files (a truncated weight file, an incomplete checkpoint). Either way one line on stderr
+naming the value, no traceback, and nothing on disk changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from typing import NoReturn
+
+USAGE, DAMAGED = 2, 1
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot work; the message names it and the fix (exit code 2)."""
+
+
+def quiet_third_party() -> None:
+    """Silence import-time chatter of megatron and torch that says nothing about the user's run.
+
+    Call it at module level of a tool script: processes spawned by the tool re-import that module, so the
+    filters reach them too.
+    """
+    # megatron falls back from Transformer Engine / Apex to plain torch, and deprecates its own APIs.
+    fallback = ".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed"
+    warnings.filterwarnings("ignore", message=fallback)
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"megatron(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*megatron.*deprecat", category=UserWarning)
+    # torch's extension loader logs this at import on any machine without a CUDA toolkit.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def fail(prog: str, message: object, code: int) -> NoReturn:
+    """Print ``prog: error: message`` (one line) and exit with ``code``."""
+    text = " ".join(str(message).split())
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    raise SystemExit(code)
