@@ -33,7 +33,7 @@ from kernels.ssa import _alloc
 from kernels.ssa._plan import next_pow2
 from kernels.ssa.selection_kernel import exact_dots
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 # Blocks scored per program of the two selection kernels.
 _SELECT_TILE = 256
 # Keys gathered per attention chunk (the selected blocks' tokens, all loads of a chunk in flight).
@@ -236,7 +236,8 @@ def decode_attention(
     idx = block_idx.to(torch.int32)
     lens = seq_lens.to(device=q.device, dtype=torch.int32)
     bsp = max(1, next_pow2(block_size))
-    cb = max(1, _ATTN_CHUNK_TOKENS // bsp)
+    # fp32 chunks of 256 keys need more shared memory than Hopper has (276 KiB): half as many.
+    cb = max(1, (_ATTN_CHUNK_TOKENS if q.element_size() <= 2 else _ATTN_CHUNK_TOKENS // 2) // bsp)
     # tl.dot needs at least 16 columns per chunk.
     cb = max(cb, triton.cdiv(16, bsp))
     cb = min(cb, max(triton.cdiv(16, bsp), next_pow2(idx.shape[-1])))
