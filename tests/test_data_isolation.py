@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from tests.distributed import free_port
 from tests.test_data_common import build_shards
 
-JOBS, RANKS, REPEATS, BATCHES = 3, 2, 12, 3
+JOBS, RANKS, REPEATS, BATCHES = 3, 2, 8, 3
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -256,7 +256,7 @@ def _remove_leftovers(key: str, owner: dict[str, Any] | None = None) -> int:
     return removed
 
 
-def sweep_dead_owners() -> list[str]:
+def sweep_dead_owners(*, at_exit: bool = False) -> list[str]:
     """Remove the leftovers of every namespace whose owner is gone; returns their keys."""
     swept = []
     directory = registry_dir()
@@ -268,7 +268,8 @@ def sweep_dead_owners() -> list[str]:
         if not (name.startswith(NAME_PREFIX) and name.endswith(OWNER_SUFFIX)):
             continue
         key = name[: -len(OWNER_SUFFIX)]
-        if key in _HELD:
+        if key in _HELD or (key in _RELEASED and not at_exit):
+            # Released by this process: its streaming objects unlink their own names at exit.
             continue
         path = os.path.join(directory, name)
         try:
@@ -350,7 +351,7 @@ def _release_all_at_exit() -> None:
             os.unlink(_owner_path(key))
         os.close(held.fd)
     if _RELEASED:
-        sweep_dead_owners()
+        sweep_dead_owners(at_exit=True)
 
 
 atexit.register(_release_all_at_exit)
