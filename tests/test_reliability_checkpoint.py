@@ -210,7 +210,7 @@ def test_resave_killed_with_old_aside_recovers_and_resumes_bitwise(data_dir: str
 def test_no_writer_outlives_a_killed_trainer(data_dir: str, tmp_path: Path) -> None:
     pids = tmp_path / "writer_pids"
     proc = cli(
-        cli_args(data_dir, str(tmp_path / "ckpt"), "--checkpoint.load", "none", "--train.train_iters", "1"),
+        cli_args(data_dir, str(tmp_path / "ckpt"), "--checkpoint.load", "none", "--train.train_iters", "2"),
         SSA_MEGATRON_FAULT_AT="writer",
         SSA_MEGATRON_FAULT_AT_PIDS=str(pids),
     )
@@ -255,7 +255,7 @@ def _signal_at_iteration(proc: subprocess.Popen, signals: list[int], iteration: 
     try:
         for line in proc.stdout:
             lines.append(line)
-            if f" it {iteration}/" in line:
+            if f" {iteration}/500 " in line:  # the table row of `iteration`
                 for sig in signals:
                     proc.send_signal(sig)
                     time.sleep(0.05)

@@ -1,11 +1,13 @@
 """Per-iteration metrics: console (a tqdm bar on a terminal, plain lines in logs), TensorBoard, wandb.
 
-The console line is Megatron-like and fits 120 columns, e.g.
+The console shows a Megatron-like table that fits 120 columns: a header (repeated every
+HEADER_EVERY rows) and one row per logged iteration, e.g.
 
-    2026-12-07 14:20:01 it 20/60 | 41.0k tok | 123ms/it | eta 4m56s | loss 5.1234 ce 5.0000 al 1.2e-03 |
-    lr 3.0e-03 gn 0.512 | 8.3k tok/s MFU 1.2% | full 50% | 1.23GiB
+    time                iteration tokens  ms/it    eta    loss      ce   align      lr   gnorm ...
+    12-07 14:20:01          20/60  41.0k    123  4m56s  5.1234  5.0000 1.2e-03 3.0e-03   0.512 ...
 
-(one line); the columns are explained once in the header (`column_legend`).
+(then tok/s, MFU, full, mem, skip)
+The columns are explained once at the start (`column_legend`).
 """
 
 from __future__ import annotations
@@ -24,14 +26,42 @@ from ssa_megatron.training.config import TrainConfig
 LINE_WIDTH = 120
 
 
+HEADER_EVERY = 25
+
+# (header, width, format of the value); a value that is absent shows as "-".
+_COLUMNS = (
+    ("iteration", 14, None),
+    ("tokens", 6, "si"),
+    ("ms/it", 6, "{:.0f}"),
+    ("eta", 6, "duration"),
+    ("loss", 7, "{:.4f}"),
+    ("ce", 7, "{:.4f}"),
+    ("align", 7, "{:.1e}"),
+    ("lr", 7, "{:.1e}"),
+    ("gnorm", 7, "norm"),
+    ("tok/s", 6, "si"),
+    ("MFU", 5, "{:.1%}"),
+    ("full", 4, "{:.0%}"),
+    ("mem", 6, "{:.1f}G"),
+    ("skip", 4, "{}"),
+)
+_KEYS = {
+    "tokens": "consumed_tokens", "ms/it": "ms_per_iter", "loss": "loss", "ce": "ce_loss",
+    "align": "align_loss", "lr": "lr", "gnorm": "grad_norm", "tok/s": "tokens_per_s", "MFU": "mfu",
+    "full": "mode_full", "mem": "mem_gib", "skip": "skipped",
+}  # fmt: skip
+_TIME_WIDTH = 14
+
+
 def column_legend(alignment_weight: float) -> str:
-    """The log header's explanation of the step line's columns."""
+    """The log header's explanation of the table's columns."""
     return "\n".join([
-        "columns: it = iteration/total | tok = tokens consumed | ms/it | eta = time left at the recent pace",
-        f"  loss = ce + {alignment_weight:g} x al (alignment loss, mean over layers) | lr | gn = grad norm",
-        "  tok/s | MFU = model FLOPs utilisation | peak memory | skip = skipped updates",
-        "  full = share of the step's micro-batches that full attention drove (the rest: sparse;",
-        "  in ssa mode each micro-batch draws its mode with probability model.p_full)",
+        "columns: tokens = tokens consumed so far | ms/it = time per iteration | eta = time left at the",
+        f"  recent pace | loss = ce + {alignment_weight:g} x align (alignment loss, mean over layers) |",
+        "  gnorm = grad norm | MFU = model FLOPs utilisation | mem = peak memory (GiB) |",
+        "  skip = updates skipped so far (non-finite loss or grad norm)",
+        "  full = share of the step's micro-batches that full attention drove (the rest: sparse; in ssa",
+        "  mode each micro-batch draws its mode with probability model.p_full)",
     ])  # fmt: skip
 
 
@@ -49,41 +79,33 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def format_header() -> str:
+    return " ".join(["time".ljust(_TIME_WIDTH)] + [name.rjust(width) for name, width, _ in _COLUMNS])
+
+
 def format_line(iteration: int, total: int, metrics: dict[str, Any], eta_s: float | None) -> str:
-    """The console line of one iteration (keys missing from `metrics` are left out)."""
-
-    def get(key: str) -> Any:
-        value = metrics.get(key)
-        return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
-    groups = [f"{datetime.now():%Y-%m-%d %H:%M:%S} it {iteration}/{total}"]
-    if get("consumed_tokens") is not None:
-        groups.append(f"{_si(metrics['consumed_tokens'])} tok")
-    if get("ms_per_iter") is not None:
-        groups.append(f"{metrics['ms_per_iter']:.0f}ms/it")
-    if eta_s is not None:
-        groups.append(f"eta {_duration(eta_s)}")
-    losses = [f"loss {metrics['loss']:.4f}"] if get("loss") is not None else []
-    if get("ce_loss") is not None:
-        losses.append(f"ce {metrics['ce_loss']:.4f}")
-    if get("align_loss") is not None:
-        losses.append(f"al {metrics['align_loss']:.1e}")
-    groups.append(" ".join(losses))
-    optim = [f"lr {metrics['lr']:.1e}"] if get("lr") is not None else []
-    if get("grad_norm") is not None:
-        optim.append(f"gn {metrics['grad_norm']:.3f}")
-    groups.append(" ".join(optim))
-    speed = [f"{_si(metrics['tokens_per_s'])} tok/s"] if get("tokens_per_s") is not None else []
-    if get("mfu") is not None:
-        speed.append(f"MFU {metrics['mfu']:.1%}")
-    groups.append(" ".join(speed))
-    if get("mode_full") is not None:
-        groups.append(f"full {metrics['mode_full']:.0%}")
-    if get("mem_gib") is not None:
-        groups.append(f"{metrics['mem_gib']:.2f}GiB")
-    if metrics.get("skipped"):
-        groups.append(f"skip {metrics['skipped']}")
-    return " | ".join(g for g in groups if g)
+    """One row of the table (see format_header) for `iteration`."""
+    values = {**{name: metrics.get(key) for name, key in _KEYS.items()}, "eta": eta_s}
+    cells = [f"{datetime.now():%m-%d %H:%M:%S}"]
+    for name, width, fmt in _COLUMNS:
+        if name == "iteration":
+            text = f"{iteration}/{total}"
+        else:
+            value = values[name]
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                text = "-"
+            elif fmt == "si":
+                text = _si(value)
+            elif fmt == "duration":
+                text = _duration(value)
+            elif fmt == "norm":
+                # Three decimals while they fit the column; a diverging norm needs none.
+                big = f"{value:.0f}" if abs(value) < 1e7 else f"{value:.0e}"
+                text = f"{value:.3f}" if abs(value) < 1000 else big
+            else:
+                text = fmt.format(value)
+        cells.append(text.rjust(width))
+    return " ".join(cells)
 
 
 def memory_gib(device: torch.device) -> float:
@@ -121,6 +143,7 @@ class MetricsLogger:
         self.wandb: Any = None
         # Pace for the ETA: the time of the first logged step (its iteration included) onwards.
         self._pace_start: tuple[int, float] | None = None
+        self._rows = 0
         if not enabled:
             return
         progress = cfg.logging.progress
@@ -185,6 +208,9 @@ class MetricsLogger:
             if metrics.get("loss") is not None:
                 self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         if iteration % self.interval == 0 or iteration == self.total:
+            if self._rows % HEADER_EVERY == 0:
+                self.print(format_header())
+            self._rows += 1
             self.print(format_line(iteration, self.total, metrics, eta))
             self.scalars("train", iteration, metrics)
 
