@@ -11,7 +11,6 @@ import http.server
 import json
 import os
 import random
-import re
 import socket
 import subprocess
 import sys
@@ -208,7 +207,9 @@ def tiny_train_args(data: list[str], tok: Path, run_dir: Path, iters: int = 4, *
 
 def losses(stdout: str) -> list[str]:
     """Each iteration's "loss ... ce ..." as printed (4 decimals)."""
-    return re.findall(r" it \d+/\d+ .*?(loss [-\d.]+ ce [-\d.]+)", stdout)
+    from ssa_megatron.training.metrics import parse_rows
+
+    return [f"loss {row['loss']} ce {row['ce']}" for row in parse_rows(stdout)]
 
 
 def test_moto_server_speaks_s3_through_the_same_client_streaming_uses(s3_endpoint: str) -> None:

@@ -4,7 +4,6 @@ CPU accelerator, gloo) and two torchrun agents joined by a c10d rendezvous (a 2-
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +36,9 @@ def _train_args(data_dir: str, *extra: str) -> list[str]:
 
 
 def _ce_values(log: str) -> list[float]:
-    return [float(x) for x in re.findall(r"\| ce ([0-9.]+) \|", log)]
+    from ssa_megatron.training.metrics import parse_rows
+
+    return [float(row["ce"]) for row in parse_rows(log)]
 
 
 @pytest.mark.slow

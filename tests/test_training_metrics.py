@@ -13,6 +13,7 @@ from ssa_megatron.training.metrics import (
     column_legend,
     format_header,
     format_line,
+    parse_rows,
     tensorboard_dir,
 )
 
@@ -70,6 +71,8 @@ def test_lines_at_the_interval_with_eta() -> None:
     logger.close()
     lines = out.getvalue().splitlines()
     assert lines[0] == format_header()
+    rows = parse_rows(out.getvalue())
+    assert [r["iteration"] for r in rows] == ["2/6", "4/6", "6/6"] and rows[0]["ce"] == "10.0000"
     assert [line.split()[2] for line in lines[1:]] == ["2/6", "4/6", "6/6"]
     # Iteration 1 (not printed) set the pace; every printed row has an ETA, the last one zero.
     assert all(line.split()[5] != "-" for line in lines[1:]) and lines[-1].split()[5] == "0m00s"

@@ -13,6 +13,7 @@ The columns are explained once at the start (`column_legend`).
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from datetime import datetime
@@ -106,6 +107,23 @@ def format_line(iteration: int, total: int, metrics: dict[str, Any], eta_s: floa
                 text = fmt.format(value)
         cells.append(text.rjust(width))
     return " ".join(cells)
+
+
+_ROW = re.compile(r"^\d\d-\d\d \d\d:\d\d:\d\d +\d+/\d+ ")
+
+
+def parse_rows(log: str) -> list[dict[str, str]]:
+    """The table rows in a console log, each as {column: cell} (column names as in the header).
+
+    For tools and tests that read a run's printed metrics back.
+    """
+    names = [name for name, _, _ in _COLUMNS]
+    rows = []
+    for line in log.splitlines():
+        if _ROW.match(line):
+            date, clock, *cells = line.split()
+            rows.append({"time": f"{date} {clock}", **dict(zip(names, cells))})
+    return rows
 
 
 def memory_gib(device: torch.device) -> float:
