@@ -160,6 +160,18 @@ class ReplicaStreamingDataset(StreamingDataset):
             self._data_error = DataError(f"shard {label}: {type(err).__name__}: {message}")
             raise self._data_error from err
 
+    def on_exception(self, future: Any) -> None:
+        """A download thread failed: stop the others; the main thread raises the recorded error.
+
+        streaming re-raises it inside the future's callback, which only prints a traceback.
+        """
+        error = future.exception()
+        if error is None:
+            return
+        self._event.set()
+        if not isinstance(error, DataError):
+            raise error
+
     def _verify(self, shard_id: int) -> None:
         """Check a local shard's offset table once per process (before its first row is read)."""
         if shard_id in self._checked_shards:

@@ -1,0 +1,217 @@
+# ruff: noqa: F811 - pytest fixtures imported from tests.test_data_remote are parameters here
+"""Bad data inputs through the real entry points (pretrain_ssa.py, tools/prepare_data.py): each one
+exits 2 with one line naming the value and the fix, no traceback, and leaves the directories as
+they were. The store is a real S3-compatible server (moto) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.test_data_remote import (  # noqa: F401 (fixtures)
+    BUCKET,
+    corpus,
+    free_port,
+    prepare,
+    run_tool,
+    s3_client,
+    s3_dataset,
+    s3_endpoint,
+    s3_env,
+    tiny_train_args,
+)
+
+
+def tree(root: Path) -> dict[str, int]:
+    """Every file under ``root`` with its size: what "nothing on disk changed" compares."""
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_line_error(proc, exit_code: int = 2) -> str:
+    assert proc.returncode == exit_code, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def corrupt_sets(s3_endpoint: str, s3_dataset: str) -> dict[str, str]:
+    """Copies of the dataset with its first shard damaged, and with every later shard damaged."""
+    client = s3_client(s3_endpoint)
+    objects = client.list_objects_v2(Bucket=BUCKET, Prefix="set/")["Contents"]
+    out = {}
+    for name, damaged in (
+        ("first", lambda key: key.endswith("shard.00000.mds.zstd")),
+        ("later", lambda key: "shard." in key and "shard.00000." not in key),
+    ):
+        for obj in objects:
+            body = client.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read()
+            if "/train/" in obj["Key"] and damaged(obj["Key"]):
+                body = body[:-8] + bytes(b ^ 0xFF for b in body[-8:])
+            client.put_object(Bucket=BUCKET, Key=f"{name}/" + obj["Key"][len("set/") :], Body=body)
+        out[name] = f"s3://{BUCKET}/{name}"
+    return out
+
+
+CASES = {
+    "unreachable-endpoint": (
+        lambda ds, ep, tmp: (["--data.path", ds["good"]], s3_env(f"http://127.0.0.1:{free_port()}")),
+        "cannot reach the S3 endpoint http://127.0.0.1:",
+    ),
+    "wrong-bucket": (
+        lambda ds, ep, tmp: (["--data.path", "s3://no-such-bucket/set"], s3_env(ep)),
+        "bucket 'no-such-bucket' does not exist",
+    ),
+    "no-credentials": (
+        lambda ds, ep, tmp: (
+            ["--data.path", ds["good"]],
+            {
+                k: v
+                for k, v in s3_env(ep).items()
+                if not k.startswith("AWS_") or "FILE" in k or "METADATA" in k
+            },
+        ),
+        "no S3 credentials for s3://",
+    ),
+    "missing-split": (
+        lambda ds, ep, tmp: (["--data.path", f"s3://{BUCKET}/nothing-here"], s3_env(ep)),
+        f"data.path='s3://{BUCKET}/nothing-here' has no train/index.json",
+    ),
+    "other-seq-length": (
+        lambda ds, ep, tmp: (["--data.path", ds["good"], "--data.seq_length", "64"], s3_env(ep)),
+        "hold 33 tokens (written with --seq-len 32) but data.seq_length=64",
+    ),
+    "corrupted-first-shard": (
+        lambda ds, ep, tmp: (["--data.path", ds["first"]], s3_env(ep)),
+        "shard.00000.mds.zstd fails its xxh64 hash (corrupted)",
+    ),
+    "corrupted-shard-mid-run": (
+        lambda ds, ep, tmp: (["--data.path", ds["later"]], s3_env(ep)),
+        "data error: shard s3://ssa-train-data/later/train/shard.",
+    ),
+    "cache-not-writable": (
+        lambda ds, ep, tmp: (
+            ["--data.path", ds["good"], "--data.cache_dir", str(tmp / "a-file" / "cache")],
+            s3_env(ep),
+        ),
+        "is not writable",
+    ),
+    "hash-not-in-shards": (
+        lambda ds, ep, tmp: (["--data.path", ds["good"], "--data.validate_hash", "sha256"], s3_env(ep)),
+        "were written without sha256 hashes (data.validate_hash=sha256); set data.validate_hash to one of",
+    ),
+    "credentials-in-uri": (
+        lambda ds, ep, tmp: (["--data.path", "https://user:secret@example.com/set"], s3_env(ep)),
+        "data.path carries credentials in the URI",
+    ),
+    "unknown-scheme": (
+        lambda ds, ep, tmp: (["--data.path", "ftp://host/set"], s3_env(ep)),
+        "scheme ftp:// is not readable",
+    ),
+    "mixed-weights": (
+        lambda ds, ep, tmp: (
+            [
+                "--data.path",
+                "",
+                "--data.streams",
+                f"[{{path: {ds['good']}, proportion: 0.5}}, {{path: {ds['first']}}}]",
+            ],
+            s3_env(ep),
+        ),
+        "proportion is set on some streams only",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_data_inputs_exit_2_with_one_line(
+    case: str,
+    s3_endpoint: str,
+    s3_dataset: str,
+    corrupt_sets: dict[str, str],
+    corpus,
+    tmp_path: Path,
+) -> None:
+    make, message = CASES[case]
+    (tmp_path / "a-file").write_text("in the way of the cache directory")
+    args, env = make({"good": s3_dataset, **corrupt_sets}, s3_endpoint, tmp_path)
+    before = tree(tmp_path)
+    proc = run_tool(tiny_train_args([], corpus[1], tmp_path / "run", 4, *args), env)
+    line = one_line_error(proc)
+    assert message in line, line
+    if case == "corrupted-shard-mid-run":
+        # It failed while training; nothing was checkpointed over, and no damaged copy stays cached.
+        from ssa_megatron.data.config import DataConfig, StreamSpec
+
+        cache = DataConfig(train=[], cache_dir=str(tmp_path / "run" / "ckpt" / "data_cache"))
+        train_cache = Path(cache.local_dir(StreamSpec(f"{corrupt_sets['later']}/train")))
+        assert (train_cache / "index.json").is_file()
+        cached = list(train_cache.glob("shard.*"))
+        assert all("shard.00000." in p.name for p in cached), cached
+        assert not list((tmp_path / "run" / "ckpt").glob("iter_*"))
+    else:
+        assert tree(tmp_path) == before  # failed before writing anything
+    assert "s3cr3t-v4lue" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("output", "env_of", "message"),
+    [
+        ("s3://no-such-bucket/set", lambda ep: s3_env(ep), "bucket 'no-such-bucket' does not exist"),
+        (
+            f"s3://{BUCKET}/new",
+            lambda ep: s3_env(f"http://127.0.0.1:{free_port()}"),
+            "cannot reach the S3 endpoint",
+        ),
+        ("https://example.com/set", lambda ep: s3_env(ep), "http(s) is read-only here"),
+    ],
+    ids=["wrong-bucket", "unreachable-endpoint", "http-output"],
+)
+def test_prepare_data_bad_remote_outputs_exit_2(
+    output: str,
+    env_of,
+    message: str,
+    s3_endpoint: str,
+    corpus,
+    tmp_path: Path,
+) -> None:
+    before = tree(corpus[0])
+    proc = prepare(corpus, output, env_of(s3_endpoint))
+    assert message in one_line_error(proc)
+    assert tree(corpus[0]) == before
+    assert "new/" not in str(s3_client(s3_endpoint).list_objects_v2(Bucket=BUCKET).get("Contents", []))
+
+
+def test_corrupted_local_shard_names_file_and_row(tmp_path: Path) -> None:
+    """A damaged offset table is named (file and row) when its shard is opened, before any row is drawn."""
+    import gc
+
+    from ssa_megatron.data.loader import DataError, build_loaders
+    from tests.test_data_common import build_shards
+
+    root, _, _ = build_shards(tmp_path, n_docs=60, seq_len=16)
+    first = sorted((root / "train").glob("shard.*"))[0]
+    cfg = {
+        "train": [{"path": str(root / "train"), "local": str(tmp_path / "cache")}],
+        "shuffle": False,
+        "validate_hash": "none",
+    }
+    train, _ = build_loaders(cfg, micro_batch_size=2, seq_len=16, dp_rank=0, dp_size=1)
+    next(iter(train))  # decompresses the first shard into the cache
+    train.close()
+    gc.collect()
+    raw = tmp_path / "cache" / first.name.removesuffix(".zstd")
+    data = bytearray(raw.read_bytes())
+    data[4 + 4 * 3 : 4 + 4 * 4] = (10**6).to_bytes(4, "little")  # row 2's end offset points past the file
+    raw.write_bytes(bytes(data))
+    train, _ = build_loaders(cfg, micro_batch_size=2, seq_len=16, dp_rank=0, dp_size=1)
+    with pytest.raises(DataError, match=rf"shard .*{raw.name} has a damaged offset table at row 2"):
+        next(iter(train))
+    train.close()
+    gc.collect()
+    assert os.path.getsize(raw) == len(data)  # the local copy is reported, not deleted
