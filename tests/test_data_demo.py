@@ -56,8 +56,10 @@ def test_prepare_demo_dataset_builds_once_and_loads(tmp_path: Path) -> None:
     assert len(valid) > 0
     train.close()
     valid.close()
-    rebuilt = prepare_demo_dataset(out, 48, 512, target_bytes=200_000)  # other parameters -> rebuilt
-    assert rebuilt.built and json.loads((out / "demo.json").read_text())["params"]["seq_len"] == 48
+    with pytest.raises(FileExistsError, match=r"seq_len=32 \(asked: 48\).*new directory"):
+        prepare_demo_dataset(out, 48, 512, target_bytes=200_000)  # other parameters: never rebuilt in place
+    assert json.loads((out / "demo.json").read_text())["params"]["seq_len"] == 32
+    assert (out / "demo.json").stat().st_mtime_ns == stamp
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("user data")
     with pytest.raises(FileExistsError, match=r"demo\.json"):

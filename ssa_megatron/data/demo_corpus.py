@@ -167,6 +167,10 @@ def build_demo_corpus(
     return CorpusStats(documents, written, files, packages, time.perf_counter() - start)
 
 
+class DemoDataExists(FileExistsError):
+    """The demo directory holds a set built with other parameters (or foreign files); nothing was changed."""
+
+
 @dataclass(frozen=True)
 class DemoDataset:
     root: Path
@@ -196,7 +200,8 @@ def prepare_demo_dataset(
     Writes into ``out_dir``: ``corpus.jsonl``, ``tokenizer.model``/``.vocab``, ``train/``,
     ``val/`` and ``demo.json`` (the parameters, written last). When ``demo.json`` already
     records the same parameters nothing is rebuilt; with other parameters the directory is
-    rebuilt. A non-empty ``out_dir`` without ``demo.json`` is refused rather than
+    refused (:class:`DemoDataExists`): shards and tokenizer are never rebuilt under checkpoints
+    trained on them. A non-empty ``out_dir`` without ``demo.json`` is refused rather than
     overwritten. Run it on one process per filesystem (e.g. global rank 0, then a barrier).
     """
     from ssa_megatron.data.prepare import TRAIN_SPLIT, VALID_SPLIT, prepare_dataset
@@ -211,11 +216,24 @@ def prepare_demo_dataset(
     result = DemoDataset(root, root / TRAIN_SPLIT, root / VALID_SPLIT, root / "tokenizer.model", built=False)
     manifest = root / _MANIFEST
     if manifest.is_file():
-        if json.loads(manifest.read_text()).get("params") == params:
+        try:
+            recorded = json.loads(manifest.read_text()).get("params")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded == params:
             return result
-        manifest.unlink()
+        # Rebuilding in place would change the shards (and tokenizer) under checkpoints trained on them.
+        if isinstance(recorded, dict):
+            changed = ", ".join(f"{k}={recorded.get(k)!r} (asked: {v!r})" for k, v in params.items()
+                                if recorded.get(k) != v)
+        else:
+            changed = f"an unreadable {_MANIFEST}"
+        raise DemoDataExists(
+            f"{root} already holds demo data built with other parameters ({changed}); demo data is never "
+            "rebuilt in place: point data.path at a new directory for these parameters"
+        )
     elif root.is_dir() and any(root.iterdir()):
-        raise FileExistsError(
+        raise DemoDataExists(
             f"{root} is not empty and was not built by prepare_demo_dataset (no {_MANIFEST}); "
             "pick an empty or new directory for the demo data"
         )

@@ -36,7 +36,12 @@ from ssa_megatron.data.packing import (
 )
 from ssa_megatron.data.readers import SAMPLE_BY, ReadStats, expand_inputs, iter_documents
 from ssa_megatron.data.sources import display, is_remote
-from ssa_megatron.data.tokenizer import load_tokenizer
+from ssa_megatron.data.tokenizer import (
+    FINGERPRINT_FILE,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    write_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +169,13 @@ class _SplitWriter:
         self.summary.tokens += int(ids.size)
         self._write(self.packer.add(ids))
 
-    def finish(self) -> SplitSummary:
+    def finish(self, fingerprint: dict | None = None) -> SplitSummary:
         self._write(self.packer.finish())
+        if fingerprint is not None:
+            # Which tokenizer wrote these ids: training, evaluation and export check it.
+            write_fingerprint(self.writer.local, fingerprint, role="shards")
+            if self.writer.remote:
+                self.writer.executor.submit(self.writer.cloud_writer.upload_file, FINGERPRINT_FILE)
         self.writer.finish()
         self.summary.shards = len(self.writer.shards)
         return self.summary
@@ -234,6 +244,7 @@ def prepare_dataset(
                     )
                 shutil.rmtree(target)
     tok = load_tokenizer(tokenizer_path)
+    fingerprint = tokenizer_fingerprint(tokenizer_path, tok)
     # Forked before the shard writers exist, so the children never inherit their threads or files.
     pool = None
     if workers > 1:
@@ -281,7 +292,7 @@ def prepare_dataset(
             pool.join()
         _WORKER.clear()
     summary = PrepareSummary(
-        splits={name: w.finish() for name, w in writers.items()}, skipped=dict(stats.skipped)
+        splits={name: w.finish(fingerprint) for name, w in writers.items()}, skipped=dict(stats.skipped)
     )
     summary.seconds = time.perf_counter() - start
     warning = stats.warning()

@@ -254,3 +254,96 @@ def train_sentencepiece(
         encoding="utf-8",
     )
     return model_path
+
+
+# --- provenance: which tokenizer wrote the shards / trained the checkpoint -----------------------
+
+FINGERPRINT_FILE = "tokenizer_fingerprint.json"
+FINGERPRINT_VERSION = 1
+
+
+class TokenizerMismatch(ValueError):
+    """Shards, checkpoint and tokenizer disagree; the message names both fingerprints and the override."""
+
+
+def tokenizer_file(path: str | os.PathLike) -> Path:
+    """The file a tokenizer path names (``tokenizer.json`` inside a directory)."""
+    p = Path(path)
+    if p.is_dir() and (p / "tokenizer.json").is_file():
+        return p / "tokenizer.json"
+    return p
+
+
+def tokenizer_fingerprint(path: str | os.PathLike, tokenizer: Tokenizer | None = None) -> dict:
+    """Content hash of the tokenizer file, vocabulary size and special ids: what makes token ids mean
+    the same thing. Two tokenizers with equal fingerprints encode every text identically."""
+    import hashlib
+
+    file = tokenizer_file(path)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(file)
+    return {
+        "version": FINGERPRINT_VERSION,
+        "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+        "vocab_size": int(tok.vocab_size),
+        "bos_id": tok.bos_id,
+        "eos_id": int(tok.eos_id),
+        "pad_id": int(tok.pad_id),
+        "file": file.name,
+    }
+
+
+def describe_fingerprint(fp: dict) -> str:
+    return (f"{fp.get('file', '?')} sha256 {str(fp.get('sha256', '?'))[:12]}, vocab {fp.get('vocab_size')}, "
+            f"bos/eos/pad {fp.get('bos_id')}/{fp.get('eos_id')}/{fp.get('pad_id')}")
+
+
+def fingerprints_match(a: dict, b: dict) -> bool:
+    keys = ("sha256", "vocab_size", "bos_id", "eos_id", "pad_id")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def write_fingerprint(directory: str | os.PathLike, fp: dict, *, role: str) -> Path:
+    """Write ``FINGERPRINT_FILE`` into ``directory`` atomically; ``role`` says what it describes."""
+    import json
+
+    out = Path(directory) / FINGERPRINT_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({**fp, "role": role}, indent=2) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def read_fingerprint(directory: str | os.PathLike) -> dict | None:
+    """The fingerprint recorded in ``directory`` (None when nothing was recorded there)."""
+    import json
+
+    path = Path(directory) / FINGERPRINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise TokenizerMismatch(
+            f"{path} is unreadable ({err}); restore it or delete it to skip the check"
+        ) from None
+    if not isinstance(data, dict) or "sha256" not in data:
+        raise TokenizerMismatch(
+            f"{path} is not a tokenizer fingerprint; restore it or delete it to skip the check"
+        )
+    return data
+
+
+def check_fingerprint(recorded: dict | None, actual: dict, *, what: str, tokenizer_path: str | os.PathLike,
+                      override: str, allow: bool = False) -> None:
+    """Raise :class:`TokenizerMismatch` (one line) when ``recorded`` exists and differs from ``actual``.
+
+    ``what`` names the recorded side ("the shards in /data/x"), ``override`` the flag or key that
+    accepts the mismatch.
+    """
+    if recorded is None or allow or fingerprints_match(recorded, actual):
+        return
+    raise TokenizerMismatch(
+        f"tokenizer {str(tokenizer_path)!r} ({describe_fingerprint(actual)}) is not the one {what} recorded "
+        f"({describe_fingerprint(recorded)}); pass the matching tokenizer, or set {override} to use it anyway"
+    )
