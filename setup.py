@@ -34,7 +34,7 @@ EXTRAS = {
     "hf": ["transformers>=4.45", "tokenizers>=0.20"],
     "eval": ["matplotlib>=3.8"],
     # lm-evaluation-harness on exported models (`lm_eval --model hf --model_args pretrained=DIR,...`).
-    "lmeval": ["lm_eval>=0.4.9,<0.5"],
+    "lmeval": ["lm_eval[hf]>=0.4.9,<0.5"],
     "te": ["transformer-engine[pytorch]"],
     # moto[server]: an S3-compatible server on 127.0.0.1 for the object-storage data tests.
     "test": ["pytest==9.2.0", "pytest-timeout>=2.3", "ruff==0.17.6", "moto[server]>=5.0"],
