@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-kernels", action="store_true", help="do not ship the Triton kernels (PyTorch path only)"
     )
     p.add_argument(
+        "--allow-tokenizer-mismatch",
+        action="store_true",
+        help="ship a tokenizer other than the one the checkpoint recorded it was trained with",
+    )
+    p.add_argument(
         "--allow-vocab-mismatch",
         action="store_true",
         help="export with a tokenizer whose vocabulary does not match the checkpoint's embedding (its ids "
@@ -68,6 +73,22 @@ def main(argv: list[str] | None = None) -> int:
              "directory", USAGE)  # fmt: skip
     if args.tokenizer and not Path(args.tokenizer).exists():
         fail(PROG, f"--tokenizer {args.tokenizer} does not exist; pass a tokenizer.json or .model", USAGE)
+
+    from ssa_megatron.data.tokenizer import (
+        TokenizerMismatch,
+        check_tool_tokenizer,
+        checkpoint_tokenizer_path,
+        write_fingerprint,
+    )
+
+    # The tokenizer shipped must be the one the checkpoint was trained with (tokenizer_fingerprint.json).
+    shipped = args.tokenizer or checkpoint_tokenizer_path(args.checkpoint)
+    try:
+        fingerprint = check_tool_tokenizer(
+            args.checkpoint, shipped, allow_mismatch=args.allow_tokenizer_mismatch
+        )
+    except TokenizerMismatch as err:
+        fail(PROG, err, USAGE)
 
     import torch
 
@@ -93,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(PROG, err, USAGE)
     except CheckpointError as err:
         fail(PROG, err, DAMAGED)
+    if fingerprint is not None:
+        write_fingerprint(out, fingerprint, role="export")
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 

@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
+        "--allow-tokenizer-mismatch",
+        action="store_true",
+        help="evaluate although --tokenizer or the shards of --data differ from what the checkpoint recorded",
+    )
+    p.add_argument(
         "--lm-eval-tasks",
         type=_names,
         help="comma list of lm-evaluation-harness tasks to run on the exported HF directory (lm_eval.json)",
@@ -167,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
             check_request(args.checkpoint, args.lm_eval_tasks, args.lm_eval_modes, args.lm_eval_include)
         except HarnessError as err:
             fail(PROG, err, USAGE)
+    from ssa_megatron.data.tokenizer import TokenizerMismatch, check_tool_tokenizer
+
+    try:  # checkpoint, --tokenizer and the shards of --data name one tokenizer (tokenizer_fingerprint.json)
+        check_tool_tokenizer(args.checkpoint, args.tokenizer, data=args.data,
+                             allow_mismatch=args.allow_tokenizer_mismatch)
+    except TokenizerMismatch as err:
+        fail(PROG, err, USAGE)
     try:
         if args.data:
             _perplexity(args)

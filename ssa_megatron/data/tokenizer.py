@@ -347,3 +347,126 @@ def check_fingerprint(recorded: dict | None, actual: dict, *, what: str, tokeniz
         f"tokenizer {str(tokenizer_path)!r} ({describe_fingerprint(actual)}) is not the one {what} recorded "
         f"({describe_fingerprint(recorded)}); pass the matching tokenizer, or set {override} to use it anyway"
     )
+
+
+def recorded_checkpoint_fingerprint(path: str | os.PathLike) -> tuple[dict | None, Path]:
+    """The fingerprint a checkpoint records: in ``path`` (a checkpoint.dir) or in the run directory
+    above an ``iter_*`` checkpoint. Returns (fingerprint or None, where it was looked for)."""
+    p = Path(path)
+    for directory in (p, p.parent):
+        found = read_fingerprint(directory)
+        if found is not None:
+            return found, directory / FINGERPRINT_FILE
+    return None, p / FINGERPRINT_FILE
+
+
+def check_run_tokenizer(
+    tokenizer_path: str | os.PathLike,
+    tokenizer: Tokenizer,
+    *,
+    split_dirs: Sequence[str | os.PathLike],
+    load_path: str | os.PathLike | None,
+    allow_mismatch: bool,
+    override: str = "data.allow_tokenizer_mismatch=true",
+) -> dict:
+    """Training start-up: the tokenizer must be the one that wrote the (local) shards and, when a
+    checkpoint is loaded, the one it was trained with. Returns the tokenizer's fingerprint."""
+    actual = tokenizer_fingerprint(tokenizer_path, tokenizer)
+    for split in split_dirs:
+        check_fingerprint(read_fingerprint(split), actual, what=f"the shards in {split}",
+                          tokenizer_path=tokenizer_path, override=override, allow=allow_mismatch)
+    if load_path is not None:
+        recorded, where = recorded_checkpoint_fingerprint(load_path)
+        check_fingerprint(recorded, actual, what=f"the checkpoint {load_path} ({where.name})",
+                          tokenizer_path=tokenizer_path, override=override, allow=allow_mismatch)
+    return actual
+
+
+def check_and_record_run_tokenizer(
+    data_section: object,
+    tokenizer_path: str | os.PathLike,
+    tokenizer: Tokenizer,
+    *,
+    checkpoint_dir: str | None,
+    load_path: str | os.PathLike | None,
+    record: bool,
+) -> dict:
+    """:func:`check_run_tokenizer` for a training config's ``data`` section (local roots; remote
+    shards are checked where they were prepared), then (``record``: rank 0) write the fingerprint
+    into ``checkpoint_dir`` so resumption and export can check it."""
+    from ssa_megatron.data.sources import is_remote, local_path, source_entries
+
+    entries = source_entries(data_section) + list(getattr(data_section, "valid_streams", []) or [])
+    splits = []
+    for entry in entries:
+        root = entry["path"] if isinstance(entry, dict) else str(entry)
+        if is_remote(root):
+            continue
+        for split in ("train", "val"):
+            directory = Path(local_path(root)) / split
+            if directory.is_dir() and str(directory) not in splits:
+                splits.append(str(directory))
+    allow = bool(getattr(data_section, "allow_tokenizer_mismatch", False))
+    actual = check_run_tokenizer(tokenizer_path, tokenizer, split_dirs=splits, load_path=load_path,
+                                 allow_mismatch=allow)
+    if record and checkpoint_dir:
+        write_fingerprint(checkpoint_dir, actual, role="checkpoint")
+    return actual
+
+
+def check_tool_tokenizer(
+    checkpoint: str | os.PathLike,
+    tokenizer_path: str | os.PathLike | None,
+    *,
+    data: str | os.PathLike | None = None,
+    allow_mismatch: bool = False,
+    override: str = "--allow-tokenizer-mismatch",
+) -> dict | None:
+    """Evaluation / export: the tokenizer given, the data's shards and the checkpoint must agree
+    on what they recorded. Sides that recorded nothing are not checked. Returns the tokenizer's
+    fingerprint (None without a tokenizer file)."""
+    actual = None
+    if tokenizer_path is not None and tokenizer_file(tokenizer_path).is_file():
+        actual = tokenizer_fingerprint(tokenizer_path)
+    if allow_mismatch:
+        return actual
+    sides: list[tuple[str, dict]] = []
+    model_fp, where = recorded_checkpoint_fingerprint(checkpoint)
+    if model_fp is not None:
+        sides.append((f"the checkpoint {checkpoint} ({where.name})", model_fp))
+    if data is not None and Path(data).is_dir():
+        for split in (Path(data), Path(data) / "val"):
+            if (split / "index.json").is_file():
+                data_fp = read_fingerprint(split)
+                if data_fp is not None:
+                    sides.append((f"the shards in {split}", data_fp))
+                break
+    if actual is not None:
+        for what, recorded in sides:
+            check_fingerprint(recorded, actual, what=what, tokenizer_path=str(tokenizer_path),
+                              override=override)
+    if len(sides) == 2 and not fingerprints_match(sides[0][1], sides[1][1]):
+        (a_what, a_fp), (b_what, b_fp) = sides
+        raise TokenizerMismatch(
+            f"{b_what} were written with tokenizer {describe_fingerprint(b_fp)}, but {a_what} was trained "
+            f"with {describe_fingerprint(a_fp)}; evaluate on data prepared with the checkpoint's tokenizer, "
+            f"or pass {override} to go on anyway"
+        )
+    return actual
+
+
+def checkpoint_tokenizer_path(checkpoint: str | os.PathLike) -> str | None:
+    """The tokenizer a training checkpoint's saved config names (data.tokenizer, else the demo
+    set's tokenizer.model), or None when the config cannot be found."""
+    import yaml
+
+    p = Path(checkpoint)
+    if (p / "latest").is_file():
+        p = p / (p / "latest").read_text().strip()
+    try:
+        data = yaml.safe_load((p / "config.yaml").read_text()).get("data", {})
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+    if data.get("tokenizer"):
+        return str(data["tokenizer"])
+    return str(Path(data["path"]) / "tokenizer.model") if data.get("path") else None

@@ -82,7 +82,17 @@ def prepare_data(cfg: TrainConfig, env: LaunchEnv) -> Any:
             "written "
             "with (a sentencepiece .model file or a Hugging Face tokenizer directory)"
         )
-    return load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
+    from ssa_megatron.data.tokenizer import TokenizerMismatch, check_and_record_run_tokenizer
+
+    try:  # the shards' and the checkpoint's recorded tokenizer (data/tokenizer.py, provenance)
+        check_and_record_run_tokenizer(
+            d, tokenizer_path, tokenizer, checkpoint_dir=cfg.checkpoint.dir, record=env.is_main,
+            load_path=ckpt.resolve_checkpoint(cfg.checkpoint.load, cfg.checkpoint.dir),
+        )
+    except TokenizerMismatch as err:
+        raise ConfigError(str(err)) from None
+    return tokenizer
 
 
 def model_config(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Any:
