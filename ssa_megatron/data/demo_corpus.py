@@ -183,6 +183,55 @@ class DemoDataset:
 _MANIFEST = "demo.json"
 
 
+def _params(seq_len: int, vocab_size: int, target_bytes: int, valid_fraction: float, seed: int,
+            model_type: str) -> dict:
+    return {
+        "version": CORPUS_VERSION, "seq_len": seq_len, "vocab_size": vocab_size, "target_bytes": target_bytes,
+        "valid_fraction": valid_fraction, "seed": seed, "model_type": model_type,
+    }
+
+
+def check_demo_dataset(
+    out_dir: str | os.PathLike,
+    seq_len: int,
+    vocab_size: int = 4096,
+    *,
+    target_bytes: int = 3_000_000,
+    valid_fraction: float = 0.05,
+    seed: int = 1234,
+    model_type: str = "bpe",
+) -> bool:
+    """True when ``out_dir`` holds the demo set of these parameters, False when it is empty or absent
+    (to be built); raises :class:`DemoDataExists` (one line, nothing touched) for anything else.
+    Reads only, so every rank can call it before one of them builds."""
+    root = Path(out_dir)
+    params = _params(seq_len, vocab_size, target_bytes, valid_fraction, seed, model_type)
+    manifest = root / _MANIFEST
+    if manifest.is_file():
+        try:
+            recorded = json.loads(manifest.read_text()).get("params")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded == params:
+            return True
+        # Rebuilding in place would change the shards (and tokenizer) under checkpoints trained on them.
+        if isinstance(recorded, dict):
+            changed = ", ".join(f"{k}={recorded.get(k)!r} (asked: {v!r})" for k, v in params.items()
+                                if recorded.get(k) != v)
+        else:
+            changed = f"an unreadable {_MANIFEST}"
+        raise DemoDataExists(
+            f"{root} already holds demo data built with other parameters ({changed}); demo data is never "
+            "rebuilt in place: point data.path at a new directory for these parameters"
+        )
+    elif root.is_dir() and any(root.iterdir()):
+        raise DemoDataExists(
+            f"{root} is not empty and was not built by prepare_demo_dataset (no {_MANIFEST}); "
+            "pick an empty or new directory for the demo data"
+        )
+    return False
+
+
 def prepare_demo_dataset(
     out_dir: str | os.PathLike,
     seq_len: int,
@@ -209,35 +258,13 @@ def prepare_demo_dataset(
     from ssa_megatron.data.tokenizer import train_sentencepiece
 
     root = Path(out_dir)
-    params = {
-        "version": CORPUS_VERSION, "seq_len": seq_len, "vocab_size": vocab_size, "target_bytes": target_bytes,
-        "valid_fraction": valid_fraction, "seed": seed, "model_type": model_type,
-    }
+    params = _params(seq_len, vocab_size, target_bytes, valid_fraction, seed, model_type)
     result = DemoDataset(root, root / TRAIN_SPLIT, root / VALID_SPLIT, root / "tokenizer.model", built=False)
-    manifest = root / _MANIFEST
-    if manifest.is_file():
-        try:
-            recorded = json.loads(manifest.read_text()).get("params")
-        except (OSError, ValueError, AttributeError):
-            recorded = None
-        if recorded == params:
-            return result
-        # Rebuilding in place would change the shards (and tokenizer) under checkpoints trained on them.
-        if isinstance(recorded, dict):
-            changed = ", ".join(f"{k}={recorded.get(k)!r} (asked: {v!r})" for k, v in params.items()
-                                if recorded.get(k) != v)
-        else:
-            changed = f"an unreadable {_MANIFEST}"
-        raise DemoDataExists(
-            f"{root} already holds demo data built with other parameters ({changed}); demo data is never "
-            "rebuilt in place: point data.path at a new directory for these parameters"
-        )
-    elif root.is_dir() and any(root.iterdir()):
-        raise DemoDataExists(
-            f"{root} is not empty and was not built by prepare_demo_dataset (no {_MANIFEST}); "
-            "pick an empty or new directory for the demo data"
-        )
+    if check_demo_dataset(root, seq_len, vocab_size, target_bytes=target_bytes,
+                          valid_fraction=valid_fraction, seed=seed, model_type=model_type):
+        return result
     root.mkdir(parents=True, exist_ok=True)
+    manifest = root / _MANIFEST
     corpus = root / "corpus.jsonl"
     corpus_stats = build_demo_corpus(corpus, target_bytes=target_bytes)
     docs = iter_documents([str(corpus)], stats=ReadStats())

@@ -53,6 +53,13 @@ def prepare_data(cfg: TrainConfig, env: LaunchEnv) -> Any:
     d = cfg.data
     root = Path(d.path)
     if d.build_demo:
+        from ssa_megatron.data.demo_corpus import DemoDataExists, check_demo_dataset
+
+        try:  # on every rank: demo data of other parameters is never rebuilt in place
+            check_demo_dataset(root, d.seq_length, d.demo_vocab_size, target_bytes=d.demo_bytes,
+                               seed=cfg.train.seed)
+        except DemoDataExists as err:
+            raise ConfigError(str(err)) from None
         if env.is_main:
             from ssa_megatron.data import prepare_demo_dataset
 
