@@ -103,6 +103,7 @@ CASES = [
     ("inf-override", BASE, ["--optim.lr", "inf"], "optim.lr='inf' is not a finite number"),
     ("minus-inf-in-file", _with("model", "p_full", "-.inf"), [], "model.p_full=-inf is not a finite number"),
     ("nan-override-yaml", BASE, ["--train.grad_clip=.nan"], "train.grad_clip=nan is not a finite number"),
+    ("inf-for-a-string-key", BASE, ["--checkpoint.load", ".inf"], "checkpoint.load=inf is not a finite"),
     ("yaml-unclosed-flow", BASE + "eval: {modes: [sparse, full}\n", [], "invalid YAML"),
     ("yaml-bad-indent", BASE.replace("  hidden_size: 64", "   hidden_size: 64"), [], "invalid YAML"),
     ("yaml-bad-override", BASE, ["--model.num_layers", "[1, 2"], "--model.num_layers '[1, 2'"),

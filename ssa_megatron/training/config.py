@@ -81,9 +81,6 @@ class DataSection:
     shuffle_seed: int | None = None
     # Fixes the sample order independently of the node count (elastic restarts); None: streaming picks.
     num_canonical_nodes: int | None = None
-    # Train (or resume) although the tokenizer differs from the one the shards or the checkpoint
-    # recorded (tokenizer_fingerprint.json); without it such a run is refused at start-up.
-    allow_tokenizer_mismatch: bool = False
 
 
 @dataclass
@@ -274,6 +271,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}={value!r} is not a finite number; quote it if it is a name")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
