@@ -81,6 +81,9 @@ class DataSection:
     shuffle_seed: int | None = None
     # Fixes the sample order independently of the node count (elastic restarts); None: streaming picks.
     num_canonical_nodes: int | None = None
+    # Train (or resume) although the tokenizer differs from the one the shards or the checkpoint
+    # recorded (tokenizer_fingerprint.json); without it such a run is refused at start-up.
+    allow_tokenizer_mismatch: bool = False
 
 
 @dataclass
