@@ -25,11 +25,9 @@ from ssa_megatron.model.alignment import tracker
 from ssa_megatron.model.mode import planned_modes
 from ssa_megatron.parallel.state import collective_device
 from ssa_megatron.training.config import TrainConfig
-from ssa_megatron.training.engine import Batch, Engine, loss_func, shard_batch
+from ssa_megatron.training.engine import Batch, Engine
 from ssa_megatron.training.gc_schedule import ScheduledGC
 from ssa_megatron.training.metrics import MetricsLogger, memory_gib
-
-__all__ = ["Batch", "loss_func", "shard_batch"]
 
 # Per-iteration metrics kept in memory (RunResult.history): the last HISTORY_LENGTH iterations.
 HISTORY_LENGTH = 1000
