@@ -199,6 +199,11 @@ def test_help_lists_every_key_with_type_and_default(tmp_path: Path) -> None:
 
     comments = field_comments(ModelConfig)
     assert set(comments) == {f.name for f in dataclasses.fields(ModelConfig)} and all(comments.values())
+    # And every other key has one too (the comment above a field is its help: add one with a new key).
+    for section in dataclasses.fields(TrainConfig):
+        section_type = type(getattr(defaults, section.name))
+        missing = [k for k, c in field_comments(section_type).items() if not c]
+        assert not missing, f"{section.name}: keys without a comment line above them: {missing}"
     assert "      Tokens per key block (a power of two)." in lines
 
 

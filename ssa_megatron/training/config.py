@@ -65,17 +65,22 @@ class DataSection:
     # {path, proportion | repeat | choose, cache_dir}; `valid_streams` likewise for validation
     # (default: every stream's val/ split, unweighted). See ssa_megatron/data/sources.py.
     streams: list[dict] = field(default_factory=list)
+    # Validation mixture, entries like `streams` (empty: every stream's val/ split, unweighted).
     valid_streams: list[dict] = field(default_factory=list)
     # Node-local cache of remote shards (None: <checkpoint.dir>/data_cache, else a user cache).
     cache_dir: str | None = None
     # Shard hash checked after each download: "auto" (xxh64 for remote streams, none for local
     # ones), "none", or an algorithm the shards were written with (sha1, xxh64, ...).
     validate_hash: str = "auto"
+    # Download attempts per shard file (>= 1).
     download_retry: int = 2
+    # Seconds one shard download may take before it is retried.
     download_timeout: float = 120.0
     # Samples to download ahead of training per rank (None: streaming's default).
     predownload: int | None = None
+    # Shuffle the training samples (deterministic given the seed, resumable).
     shuffle: bool = True
+    # mosaicml-streaming's shuffle algorithm: py1e, py1br, py1s, py2s or naive.
     shuffle_algo: str = "py1e"
     # None: train.seed.
     shuffle_seed: int | None = None
