@@ -16,6 +16,9 @@ from typing import Any
 
 from ssa_megatron.hf.configuration_ssa import ATTENTION_MODES
 
+# Per-task entries of the harness's results that are not metrics.
+_BOOKKEEPING = frozenset({"alias", "sample_len", "samples"})
+
 
 class HarnessError(ValueError):
     """A harness request that cannot run (not installed, unknown task, not an SSA export); names the value."""
@@ -100,7 +103,11 @@ def run_harness(
         )
         assert out is not None  # None only on non-zero ranks of a distributed harness run
         results[mode] = {
-            task: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
+            task: {
+                k: float(v)
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and k not in _BOOKKEEPING
+            }
             for task, metrics in out["results"].items()
         }
     return results
