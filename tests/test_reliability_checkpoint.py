@@ -163,21 +163,21 @@ def _history(rank: int, world: int, args: list[str]) -> list[tuple[float, float,
 @pytest.mark.parametrize("point", ["written", "latest"])
 def test_killed_save_resumes_bitwise(data_dir: str, tmp_path: Path, point: str) -> None:
     ckpt = tmp_path / "ckpt"
-    common = ("--checkpoint.save_interval", "2")
-    # Iteration 2 saved, then the save of iteration 4 is killed at `point`.
-    stop = ("--checkpoint.load", "none", "--train.stop_after", "2")
-    first = cli(cli_args(data_dir, str(ckpt), *common, *stop))
+    # Every run has the same schedule (6 iterations); stop_after cuts the first two short.
+    common = ("--checkpoint.save_interval", "2", "--train.train_iters", "6")
+    fresh = ("--checkpoint.load", "none", "--train.stop_after", "2")
+    first = cli(cli_args(data_dir, str(ckpt), *common, *fresh))
     assert first.returncode == 0, first.stderr[-3000:]
-    killed = cli(cli_args(data_dir, str(ckpt), *common), **{"SSA_MEGATRON_FAULT_AT": point})
+    # Resumed at 2; the save of iteration 4 is killed at `point`.
+    stop = ("--train.stop_after", "4")
+    killed = cli(cli_args(data_dir, str(ckpt), *common, *stop), SSA_MEGATRON_FAULT_AT=point)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     latest = (ckpt / "latest").read_text().strip()
-    # Before `latest` moved the run resumes at 2, after it at 4; both must match the reference.
+    # Killed before `latest` moved the run resumes at 2, after it at 4; both must match the reference.
     assert latest == ("iter_0000002" if point == "written" else "iter_0000004"), latest
-    more = ("--train.train_iters", "6")
-    (resumed,) = run_distributed(_history, 1, (cli_args(data_dir, str(ckpt), *common, *more),))
-    (reference,) = run_distributed(
-        _history, 1, (cli_args(data_dir, None, "--checkpoint.load", "none", *more),)
-    )
+    (resumed,) = run_distributed(_history, 1, (cli_args(data_dir, str(ckpt), *common),))
+    uninterrupted = cli_args(data_dir, None, "--checkpoint.load", "none", *common[2:])
+    (reference,) = run_distributed(_history, 1, (uninterrupted,))
     done = int(latest.split("_")[1])
     assert resumed == reference[done:], (resumed, reference)
     assert not any(p.name.endswith((".partial", ".old")) for p in ckpt.iterdir())
@@ -186,22 +186,20 @@ def test_killed_save_resumes_bitwise(data_dir: str, tmp_path: Path, point: str) 
 @pytest.mark.slow
 def test_resave_killed_with_old_aside_recovers_and_resumes_bitwise(data_dir: str, tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
-    common = ("--checkpoint.save_interval", "2")
+    common = ("--checkpoint.save_interval", "2", "--train.train_iters", "6", "--train.stop_after", "4")
     first = cli(cli_args(data_dir, str(ckpt), *common, "--checkpoint.load", "none"))
     assert first.returncode == 0, first.stderr[-3000:]
     assert (ckpt / "latest").read_text().strip() == "iter_0000004"
     # Retrain 3..4 from iteration 2: the save of iteration 4 replaces the existing iter_0000004.
     again = cli(
         cli_args(data_dir, str(ckpt), *common, "--checkpoint.load", str(ckpt / "iter_0000002")),
-        **{"SSA_MEGATRON_FAULT_AT": "old_aside"},
+        SSA_MEGATRON_FAULT_AT="old_aside",
     )
     assert again.returncode == -signal.SIGKILL, again.stderr[-3000:]
     assert not (ckpt / "iter_0000004").exists() and (ckpt / "iter_0000004.old").exists()
-    more = ("--train.train_iters", "6")
-    (resumed,) = run_distributed(_history, 1, (cli_args(data_dir, str(ckpt), *common, *more),))
-    (reference,) = run_distributed(
-        _history, 1, (cli_args(data_dir, None, "--checkpoint.load", "none", *more),)
-    )
+    (resumed,) = run_distributed(_history, 1, (cli_args(data_dir, str(ckpt), *common[:4]),))
+    uninterrupted = cli_args(data_dir, None, "--checkpoint.load", "none", *common[2:4])
+    (reference,) = run_distributed(_history, 1, (uninterrupted,))
     assert resumed == reference[4:]
     assert (ckpt / "iter_0000004" / "complete.json").exists() and not (ckpt / "iter_0000004.old").exists()
 
