@@ -107,6 +107,10 @@ CASES = {
         lambda ds, ep, tmp: (["--data.path", "https://user:secret@example.com/set"], s3_env(ep)),
         "data.path carries credentials in the URI",
     ),
+    "other-tokenizer": (
+        lambda ds, ep, tmp: (["--data.path", ds["good"], "--data.tokenizer", ds["other_tok"]], s3_env(ep)),
+        f"is not the one the shards in s3://{BUCKET}/set/train recorded",
+    ),
     "unknown-scheme": (
         lambda ds, ep, tmp: (["--data.path", "ftp://host/set"], s3_env(ep)),
         "scheme ftp:// is not readable",
@@ -126,6 +130,17 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tokenizer other than the one the shards were written with."""
+    import random
+
+    from tests.test_data_common import build_tokenizer, random_documents
+
+    tmp = tmp_path_factory.mktemp("other-tok")
+    return str(build_tokenizer(tmp, random_documents(random.Random(99), 120)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_data_inputs_exit_2_with_one_line(
@@ -133,12 +148,14 @@ def test_bad_data_inputs_exit_2_with_one_line(
     s3_endpoint: str,
     s3_dataset: str,
     corrupt_sets: dict[str, str],
+    other_tokenizer: str,
     corpus,
     tmp_path: Path,
 ) -> None:
     make, message = CASES[case]
     (tmp_path / "a-file").write_text("in the way of the cache directory")
-    args, env = make({"good": s3_dataset, **corrupt_sets}, s3_endpoint, tmp_path)
+    sets = {"good": s3_dataset, "other_tok": other_tokenizer, **corrupt_sets}
+    args, env = make(sets, s3_endpoint, tmp_path)
     before = tree(tmp_path)
     proc = run_tool(tiny_train_args([], corpus[1], tmp_path / "run", 4, *args), env)
     line = one_line_error(proc)

@@ -9,8 +9,9 @@ Every rank then checks that its cache directory is writable.
 
 What fails here, each as a :class:`PreflightError` with the URI and the fix: a missing split,
 an unreachable endpoint, a bucket that does not exist, missing or refused credentials, shards
-written for another sequence length, a hash the shards were not written with, a cache that is
-not writable. Credentials are never read, printed or stored here; the clients find them.
+written for another sequence length or by another tokenizer (the fingerprint prepare_data
+records beside the index), a hash the shards were not written with, a cache that is not
+writable. Credentials are never read, printed or stored here; the clients find them.
 """
 
 from __future__ import annotations
@@ -225,11 +226,37 @@ def _first_row_tokens(cfg: DataConfig, spec: StreamSpec, index: dict[str, Any], 
     return int(np.asarray(row["tokens"]).shape[0])
 
 
+def _check_tokenizer(spec: StreamSpec, tokenizer: tuple[str, dict] | None, allow: bool,
+                     timeout: float) -> None:
+    """A remote split's recorded tokenizer fingerprint must match the run's (local splits are checked
+    by ``tokenizer.check_and_record_run_tokenizer``)."""
+    from ssa_megatron.data.tokenizer import FINGERPRINT_FILE, TokenizerMismatch, check_fingerprint
+
+    if tokenizer is None or allow or not spec.is_remote():
+        return
+    raw = read_remote(spec.path.rstrip("/") + "/" + FINGERPRINT_FILE, timeout)
+    if raw is None:
+        return  # written before fingerprints were recorded: nothing to compare
+    try:
+        recorded = json.loads(raw)
+    except ValueError:
+        raise PreflightError(f"{display(spec.path)}/{FINGERPRINT_FILE} is not valid JSON; re-write the split "
+                             "with tools/prepare_data.py") from None
+    try:
+        check_fingerprint(recorded, tokenizer[1], what=f"the shards in {display(spec.path)}",
+                          tokenizer_path=tokenizer[0], override="data.allow_tokenizer_mismatch=true")
+    except TokenizerMismatch as err:
+        raise PreflightError(str(err)) from None
+
+
 def check_remote(cfg: DataConfig, valid_candidates: list[StreamSpec], *, seq_len: int,
-                 explicit_valid: bool, labels: dict[str, tuple[str, str]] | None = None) -> PreflightResult:
+                 explicit_valid: bool, labels: dict[str, tuple[str, str]] | None = None,
+                 tokenizer: tuple[str, dict] | None = None, allow_tokenizer_mismatch: bool = False,
+                 ) -> PreflightResult:
     """Rank 0's part: read and check each stream's index (and one row per train stream).
 
-    ``labels`` maps a split's path to (config key, dataset root) for messages.
+    ``labels`` maps a split's path to (config key, dataset root) for messages; ``tokenizer`` is the
+    run's (path, fingerprint), compared with what remote splits recorded.
     """
     labels = labels or {}
     result = PreflightResult()
@@ -250,6 +277,7 @@ def check_remote(cfg: DataConfig, valid_candidates: list[StreamSpec], *, seq_len
                 )
             index = _parse_index(spec, raw)
             _check_hash(cfg, spec, index)
+            _check_tokenizer(spec, tokenizer, allow_tokenizer_mismatch, timeout)
             if split == "train":
                 try:
                     tokens = _first_row_tokens(cfg, spec, index, timeout)
@@ -330,6 +358,16 @@ def check_cache_dir(cfg: DataConfig, specs: list[StreamSpec]) -> None:
             )
 
 
+def _run_tokenizer(section: Any) -> tuple[str, dict] | None:
+    """(path, fingerprint) of ``data.tokenizer`` when it exists (a missing one is reported by the runner)."""
+    from ssa_megatron.data.tokenizer import tokenizer_file, tokenizer_fingerprint
+
+    path = getattr(section, "tokenizer", "") or ""
+    if not path or not tokenizer_file(path).is_file():
+        return None
+    return path, tokenizer_fingerprint(path)
+
+
 def _labels(section: Any) -> dict[str, tuple[str, str]]:
     """Split path -> (the config key that named its root, the root), e.g. ("data.path", "s3://b/set")."""
     out: dict[str, tuple[str, str]] = {}
@@ -365,8 +403,10 @@ def preflight(
     payload: list[Any] = [None]
     if rank == 0:
         try:
+            allow = bool(getattr(section, "allow_tokenizer_mismatch", False))
             payload[0] = check_remote(base, base.valid, seq_len=seq_len, explicit_valid=explicit_valid,
-                                      labels=_labels(section))
+                                      labels=_labels(section), tokenizer=_run_tokenizer(section),
+                                      allow_tokenizer_mismatch=allow)
         except PreflightError as err:
             payload[0] = PreflightResult(error=str(err))
     if distributed:
