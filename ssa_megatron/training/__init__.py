@@ -48,8 +48,10 @@ def main_run(cfg: TrainConfig, local_rank: int | None = None) -> int:
         print(f"pretrain_ssa.py: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        # Ctrl-C before training started (during start-up or data preparation): nothing to save.
-        print("pretrain_ssa.py: interrupted before training started; nothing was saved", file=sys.stderr)
+        # Ctrl-C outside the training loop (start-up, data preparation, the final evaluation): the loop
+        # itself turns the first Ctrl-C into a save and a clean stop.
+        print("pretrain_ssa.py: interrupted (Ctrl-C) outside the training loop; no checkpoint was written "
+              "then", file=sys.stderr)  # fmt: skip
         return 130
     finally:
         if dist.is_initialized():

@@ -116,10 +116,17 @@ class StopFlag:
 
     requested: bool = False
     signum: int | None = None
+    _previous: dict[int, Any] = field(default_factory=dict)
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handler)
-        signal.signal(signal.SIGINT, self._handler)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handler)
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before `install` (training is over)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.requested = True

@@ -292,7 +292,10 @@ class TrainingRun:
                     after_iteration=self.after_iteration,
                     stop=stop,
                 )
-                state = train(self.engine, state, ctx)
+                try:
+                    state = train(self.engine, state, ctx)
+                finally:
+                    stop.restore()
             else:
                 self.logger.print(f"training is complete ({state.iteration}/{t.train_iters} iterations)")
             if cfg.eval.at_end and self.validator and state.iteration >= t.train_iters:
