@@ -392,3 +392,22 @@ def test_bad_input_exits_with_one_line_and_changes_nothing(
     assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
     assert tree_hash(tmp_path) == before
     assert not (tmp_path / "pwned").exists(), "a crafted checkpoint executed code"
+
+
+@pytest.mark.slow
+def test_rerun_resumes_and_overwrite_starts_afresh(data_dir: str, good_checkpoint: Path, tmp_path: Path) -> None:
+    from ssa_megatron.training.metrics import parse_rows
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(good_checkpoint, ckpt)
+    # The same command again (checkpoint.load auto, the default): continues at iteration 3.
+    again = cli(cli_args(data_dir, str(ckpt)))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "iter_0000002" in again.stdout
+    assert [r["iteration"] for r in parse_rows(again.stdout)] == [f"{i}/{ITERS}" for i in (3, 4)]
+    # An explicit overwrite: the earlier run's checkpoints go, training starts at iteration 1.
+    fresh = cli(cli_args(data_dir, str(ckpt), "--checkpoint.load", "none", "--checkpoint.overwrite", "true"))
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "removed the earlier run's checkpoints" in fresh.stdout
+    assert [r["iteration"] for r in parse_rows(fresh.stdout)][0] == f"1/{ITERS}"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000004", "latest"]

@@ -582,6 +582,9 @@ def prepare_checkpoint_dir(ckpt_dir: str | None, load: str, overwrite: bool) -> 
             if path.name.startswith("iter_") and path.is_dir():
                 shutil.rmtree(path)
         (root / LATEST).unlink(missing_ok=True)
+        # Its TensorBoard events too (logging.tensorboard_dir auto), or both runs' curves would mix.
+        if (root / "tensorboard").is_dir():
+            shutil.rmtree(root / "tensorboard")
         actions.append(f"removed the earlier run's checkpoints from {root} (checkpoint.overwrite=true)")
     return actions
 
