@@ -395,7 +395,9 @@ def test_bad_input_exits_with_one_line_and_changes_nothing(
 
 
 @pytest.mark.slow
-def test_rerun_resumes_and_overwrite_starts_afresh(data_dir: str, good_checkpoint: Path, tmp_path: Path) -> None:
+def test_rerun_resumes_and_overwrite_starts_afresh(
+    data_dir: str, good_checkpoint: Path, tmp_path: Path
+) -> None:
     from ssa_megatron.training.metrics import parse_rows
 
     ckpt = tmp_path / "ckpt"
@@ -409,5 +411,5 @@ def test_rerun_resumes_and_overwrite_starts_afresh(data_dir: str, good_checkpoin
     fresh = cli(cli_args(data_dir, str(ckpt), "--checkpoint.load", "none", "--checkpoint.overwrite", "true"))
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "removed the earlier run's checkpoints" in fresh.stdout
-    assert [r["iteration"] for r in parse_rows(fresh.stdout)][0] == f"1/{ITERS}"
+    assert parse_rows(fresh.stdout)[0]["iteration"] == f"1/{ITERS}"
     assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000004", "latest"]
