@@ -207,6 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 1))))
     p.add_argument("--corpus-only", action="store_true", help="write corpus.jsonl and sources.json only")
+    p.add_argument("--min-megabytes", type=float, default=1.0, help="refuse a corpus smaller than this")
     args = p.parse_args(argv)
     if not args.output:
         p.error("--output is required")
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     per_source = stats.pop("per_source")
     (out / "sources.json").write_text(json.dumps(per_source, indent=1) + "\n")
-    if stats["bytes"] < 100_000:
+    if stats["bytes"] < args.min_megabytes * 1e6:
         print(
             f"error: only {stats['bytes']} bytes of English prose found in --sources "
             f"{','.join(args.sources)}; install documentation packages or add sources",

@@ -102,7 +102,8 @@ def _load(config: Path, overrides: list[str]) -> Any:
     try:
         return load_config(config, parse_override_args(overrides))
     except (ConfigError, ValueError) as err:
-        raise SystemExit(f"run_repro.py: config error: {err}") from None
+        print(f"run_repro.py: config error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _say(msg: str) -> None:
@@ -272,7 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = Path(cfg.data.path) if "--data.path" in overrides else out / "data"
     scale_dir = out / args.scale
     if "data" in args.stages:
-        build_data(args, data_dir, cfg.data.seq_length)
+        try:
+            build_data(args, data_dir, cfg.data.seq_length)
+        except subprocess.CalledProcessError as err:
+            print(
+                f"run_repro.py: tools/build_corpus.py failed (exit {err.returncode}); see above",
+                file=sys.stderr,
+            )
+            return 2 if err.returncode == 2 else 1
     tokenizer = data_dir / "tokenizer.model"
     if not (data_dir / "train").is_dir() or not tokenizer.is_file():
         print(
@@ -322,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
             "--title",
             f"scale {args.scale}",
         ]
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            print("run_repro.py: tools/compare_runs.py failed; see above", file=sys.stderr)
+            return 1
     _say(f"finished in {time.monotonic() - start:.0f} s")
     if not complete:
         return EXIT_CUT

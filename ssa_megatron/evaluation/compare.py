@@ -199,6 +199,19 @@ def to_markdown(table: dict[str, Any], title: str = "") -> str:
     return "\n".join(parts) + "\n"
 
 
+def _styles(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One colour per attention mode, one line style per seed within it, so runs of a mode read as a group."""
+    colours: dict[str, str] = {}
+    seen: dict[str, int] = defaultdict(int)
+    styles = {}
+    for res in results:
+        mode = _mode_of(str(res["checkpoint"].get("run")))
+        colours.setdefault(mode, f"C{len(colours)}")
+        styles[run_label(res)] = {"color": colours[mode], "linestyle": ("-", "--", ":", "-.")[seen[mode] % 4]}
+        seen[mode] += 1
+    return styles
+
+
 def _integer_ticks(ax: Any) -> None:
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
 
@@ -207,6 +220,7 @@ def plot_overlays(results: list[dict[str, Any]], out: Path, title: str = "") -> 
     """Overlaid plots across runs: budget sweep, per-layer sparsity and entropy, passkey accuracy."""
     files: dict[str, str] = {}
     suffix = f" ({title})" if title else ""
+    style = _styles(results)
     sweeps = [(run_label(r), r["budget_sweep"]) for r in results if r.get("budget_sweep")]
     if sweeps:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -214,9 +228,9 @@ def plot_overlays(results: list[dict[str, Any]], out: Path, title: str = "") -> 
         for label, sw in sweeps:
             rf = [r["receptive_field"] for r in sw["rows"]]
             rf_all += rf
-            line = ax1.plot(rf, [r["ppl_sparse"] for r in sw["rows"]], "o-", label=label)[0]
-            ax1.axhline(sw["ppl_full"], color=line.get_color(), linestyle=":", linewidth=1)
-            ax2.plot(rf, [r["sparsity"] for r in sw["rows"]], "o-", label=label, color=line.get_color())
+            ax1.plot(rf, [r["ppl_sparse"] for r in sw["rows"]], marker="o", label=label, **style[label])
+            ax1.axhline(sw["ppl_full"], color=style[label]["color"], linestyle=":", linewidth=1)
+            ax2.plot(rf, [r["sparsity"] for r in sw["rows"]], marker="o", label=label, **style[label])
         ax1.set(
             xlabel="receptive field (tokens)",
             ylabel="sparse perplexity (dotted: full)",
@@ -240,7 +254,13 @@ def plot_overlays(results: list[dict[str, Any]], out: Path, title: str = "") -> 
             for label, ppl in layered:
                 layers = ppl.get(mode, {}).get("attention", {}).get("per_layer", [])
                 if layers:
-                    ax.plot([r["layer"] for r in layers], [r[key] for r in layers], "o-", label=label)
+                    ax.plot(
+                        [r["layer"] for r in layers],
+                        [r[key] for r in layers],
+                        marker="o",
+                        label=label,
+                        **style[label],
+                    )
                     drawn = True
             ax.set(xlabel="layer", ylabel=ylabel, title=f"{ylabel} per layer, {mode} inference{suffix}")
             _integer_ticks(ax)
@@ -261,7 +281,8 @@ def plot_overlays(results: list[dict[str, Any]], out: Path, title: str = "") -> 
                         by_len[int(r["length"])].append(r["accuracy"])
                 lengths = sorted(by_len)
                 lengths_all += lengths
-                ax.plot(lengths, [statistics.fmean(by_len[n]) for n in lengths], "o-", label=label)
+                means = [statistics.fmean(by_len[n]) for n in lengths]
+                ax.plot(lengths, means, marker="o", label=label, **style[label])
             ax.set(
                 xlabel="prompt length (tokens)",
                 ylabel="passkey accuracy (mean over depths)",
