@@ -137,8 +137,8 @@ def build_data(args: argparse.Namespace, data_dir: Path, seq_len: int) -> None:
 
 
 def _run_copy(data_dir: Path, run_dir: Path) -> Path:
-    """A private copy of the MDS splits for one run: concurrent streaming readers of one directory
-    share memory segments named after it."""
+    """A private copy of the MDS splits for one run (a few MB), so that the runs share no files:
+    one run's evaluation or a re-built corpus never changes what another run reads."""
     copy = run_dir / "data"
     manifest = data_dir / "corpus_manifest.json"
     stamp = copy / "corpus_manifest.json"
