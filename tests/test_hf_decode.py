@@ -26,7 +26,8 @@ from ssa_megatron.hf.modeling_ssa import (
 
 def triton_ops(module: object) -> SimpleNamespace:
     """A kernels.ssa package (the shipped copy) forced onto its Triton implementation."""
-    names = ("dense_attention", "sparse_attention", "block_keys", "decode_block_keys", "sparse_decode")
+    names = ("dense_attention", "sparse_attention", "block_keys", "decode_block_keys", "sparse_decode",
+             "dense_decode")  # fmt: skip
     return SimpleNamespace(**{n: functools.partial(getattr(module, n), backend="triton") for n in names})
 
 
@@ -46,7 +47,7 @@ def greedy_pair(model: SSAForCausalLM, prompt: torch.Tensor, new: int) -> tuple[
 def test_greedy_decode_equals_rerunning_sparse_mode_pytorch_path() -> None:
     torch.manual_seed(0)
     model = SSAForCausalLM(tiny_config()).eval()
-    prompt = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(1, 97, (3, 10), generator=torch.Generator().manual_seed(1))
     cached, rerun = greedy_pair(model, prompt, 30)  # 40 tokens: ten blocks of 4 fill while decoding
     assert cached.shape == (3, 40)
     assert torch.equal(cached, rerun)
@@ -62,7 +63,7 @@ def test_greedy_decode_equals_rerun_on_the_shipped_triton_kernels(tmp_path) -> N
     shape = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2}  # head dim 16 for the tiles
     model = SSAForCausalLM(tiny_config(use_kernels="always", **shape)).eval()
     model.set_attention_ops(triton_ops(shipped))
-    prompt = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(3))
+    prompt = torch.randint(1, 97, (2, 11), generator=torch.Generator().manual_seed(3))
     cached, rerun = greedy_pair(model, prompt, 13)
     assert torch.equal(cached, rerun)
 
@@ -106,6 +107,14 @@ def test_greedy_decode_equals_rerun_on_gpu_1b_layout() -> None:
                       head_dim=64, block_size=16, block_count=4, max_position_embeddings=4096)  # fmt: skip
     model = SSAForCausalLM(cfg).cuda().eval()
     model.set_attention_ops(kernels.ssa)
-    prompt = torch.randint(0, 97, (4, 300), generator=torch.Generator().manual_seed(7)).cuda()
+    prompt = torch.randint(1, 97, (4, 300), generator=torch.Generator().manual_seed(7)).cuda()
     cached, rerun = greedy_pair(model, prompt, 40)
     assert torch.equal(cached, rerun)
+    # Full mode's decoding step (split-K dense_decode) gives the no-cache forward's logits.
+    ids = cached[:, :320]
+    with torch.no_grad():
+        want = model(ids, use_cache=False, attention_mode="full").logits[:, -1]
+        cache = DynamicCache()
+        model(ids[:, :-1], past_key_values=cache, use_cache=True, attention_mode="full")
+        got = model(ids[:, -1:], past_key_values=cache, use_cache=True, attention_mode="full").logits[:, -1]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

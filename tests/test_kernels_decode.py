@@ -130,6 +130,17 @@ def test_sparse_decode_1b_layout_on_gpu(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dense_decode_1b_layout_on_gpu(dtype: torch.dtype) -> None:
+    q, k, v, _, seq_lens = make_cache([20000, 4097, 16, 9000], 2, 16, 64, 16, dtype, seed=2)
+    with poisoned_outputs():
+        o, lse = ssa.dense_decode(q, k, v, seq_lens)
+    o_ref, lse_ref = ssa.dense_decode(q, k, v, seq_lens, backend="naive")
+    assert rel(o, o_ref) < TOL[dtype]
+    assert torch.allclose(lse, lse_ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.gpu
 def test_sparse_decode_captures_in_a_cuda_graph() -> None:
     # No host reads inside the step: it must replay from a CUDA graph with the same result.
     q, k, v, kblock, seq_lens = make_cache([3000, 1500], 2, 16, 64, 16, torch.bfloat16, seed=4)
@@ -145,3 +156,20 @@ def test_sparse_decode_captures_in_a_cuda_graph() -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured[2], eager[2]) and torch.equal(captured[0], eager[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_decode_matches_naive(dtype: torch.dtype) -> None:
+    # Mixed lengths: splits past a short sequence's end are empty and must drop out of the merge.
+    q, k, v, _, seq_lens = make_cache([300, 7, 129], 2, 3, 32, 16, dtype, seed=9)
+    with poisoned_outputs():
+        o, lse = ssa.dense_decode(q, k, v, seq_lens, backend="triton")
+    o_ref, lse_ref = ssa.dense_decode(q, k, v, seq_lens, backend="naive")
+    assert o.shape == q.shape and o.dtype == q.dtype
+    assert rel(o, o_ref) < TOL[dtype]
+    assert torch.allclose(lse, lse_ref, atol=TOL[dtype], rtol=TOL[dtype])
+    # The same as dense_attention for the last query over the whole sequence.
+    qi = torch.randn(1, 300, 6, 32, device=DEV).to(dtype)
+    qi[0, -1] = q[0]
+    o_full, _ = ssa.dense_attention(qi, k[:1, :300].contiguous(), v[:1, :300].contiguous(), backend="naive")
+    assert rel(o[0], o_full[0, -1]) < TOL[dtype]

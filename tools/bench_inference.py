@@ -92,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--profile", action="store_true",
                    help="also profile one prefill per mode and length: the attention kernels' share of the "
-                   "time and the speed-up that free attention would give (the ceiling of the ratio)")
+                   "time and the speed-up that free attention would give (the ceiling of the ratio); with "
+                   "--decode, the top kernels of one step per mode")
     p.add_argument("--decode", nargs="+", metavar="BATCHxCONTEXT",
                    help="time one decoding step per mode at these batch sizes and contexts (e.g. 16x32768) "
                    "instead of prefill")
@@ -166,12 +167,13 @@ def hf_config(args: argparse.Namespace, overrides: list) -> Any:
 
 
 def time_decode_step(
-    model: Any, cache: Any, context: int, mode: str, reps: int, warmup: int
+    model: Any, cache: Any, context: int, mode: str, reps: int, warmup: int, profile: bool = False
 ) -> dict[str, Any]:
-    """One step at ``context`` tokens (the new token's included): eager and CUDA-graph times (ms)."""
+    """One step at ``context`` tokens (the new token's included): eager and CUDA-graph times (ms), and
+    with ``profile`` the device busy time and top kernels of one eager step."""
     import torch
 
-    from ssa_megatron.benchmarking import cuda_time_ms
+    from ssa_megatron.benchmarking import cuda_time_ms, kernel_profile
 
     batch = cache.keys[0].shape[0]
     token = torch.zeros(batch, 1, dtype=torch.long, device=cache.keys[0].device)
@@ -183,6 +185,10 @@ def time_decode_step(
 
     step()  # compiles the kernels; in sparse mode also builds the layers' block keys once
     row: dict[str, Any] = {"eager_ms": cuda_time_ms(step, reps, warmup)}
+    if profile:
+        prof = kernel_profile(step, steps=1, top=12)
+        row["busy_ms"] = prof["device_busy_ms"]
+        row["top_kernels"] = prof["top_kernels"]
     if torch.cuda.is_available():
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
@@ -223,7 +229,7 @@ def run_decode(args: argparse.Namespace, overrides: list, device: Any) -> dict[s
             cache.values[layer].normal_(generator=gen)
         row: dict[str, Any] = {"batch": batch, "context": context}
         for mode in ("full", "sparse"):
-            timed = time_decode_step(model, cache, context, mode, args.reps, args.warmup)
+            timed = time_decode_step(model, cache, context, mode, args.reps, args.warmup, args.profile)
             row.update({f"{mode}_{k}": v for k, v in timed.items()})
         row["full_over_sparse"] = row["full_ms"] / row["sparse_ms"]
         per_layer = decode_read_bytes(batch, context, h, g, d, config.block_size, config.block_count,

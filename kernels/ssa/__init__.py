@@ -27,6 +27,7 @@ __all__ = [
     "block_keys",
     "decode_block_keys",
     "dense_attention",
+    "dense_decode",
     "select_blocks",
     "selected_attention",
     "sparse_attention",
@@ -281,3 +282,44 @@ def sparse_decode(
         _triton_ops()._check(q, block_size)
         return decode_kernel.sparse_decode(q, k, v, kblock, seq_lens, block_size, block_count, scale=scale)
     return naive.sparse_decode(q, k, v, kblock, seq_lens, block_size, block_count, scale=scale)
+
+
+def dense_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full attention for one new query per sequence against a KV cache (the full-mode decoding step).
+
+    Shapes as ``sparse_decode`` (``q [B, HQ, D]`` at position ``seq_lens[b] - 1``; ``k``/``v [B, T, H, D]``,
+    strided views allowed). Returns ``(o [B, HQ, D], lse [B, HQ] fp32)``. The Triton path splits each
+    sequence's keys over programs (flash decoding), so a single sequence still fills the GPU.
+    """
+    if q.dim() != 3:
+        raise ValueError(
+            f"q must be [batch, query_heads, head_dim] (one query per sequence); got {tuple(q.shape)}"
+        )
+    if k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(
+            f"k and v must be [batch, seq, heads, head_dim] alike; got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[3] or q.shape[1] % k.shape[2]:
+        raise ValueError(
+            f"q {tuple(q.shape)} must be [B, G * H, D] for a cache {tuple(k.shape)} ([B, T, H, D])"
+        )
+    if seq_lens.shape != (k.shape[0],) or seq_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"seq_lens must be an int32/int64 tensor of shape ({k.shape[0]},); "
+            f"got {seq_lens.dtype} {tuple(seq_lens.shape)}"
+        )
+    scale = resolve_scale(scale, q.shape[-1])
+    if use_triton(backend, q, k, v):
+        from kernels.ssa import decode_kernel
+
+        _triton_ops()._check(q, 16)
+        return decode_kernel.dense_decode(q, k, v, seq_lens, scale=scale)
+    return naive.dense_decode(q, k, v, seq_lens, scale=scale)

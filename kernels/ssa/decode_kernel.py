@@ -181,6 +181,52 @@ def _decode_attn_kernel(
     tl.store(LSE + b * H * G + hq, (m + tl.log2(l_sum)) / LOG2E, mask=rows < G)
 
 
+@triton.jit
+def _dense_decode_kernel(
+    Q, K, V, LENS, ACC, M_OUT, L_OUT,
+    sq_b, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+    H, G, S, SPAN, scale,
+    CT: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Full attention of the group's queries over keys [split * SPAN, (split + 1) * SPAN) of the
+    sequence (split-K, as flash decoding): unnormalised output, running max and sum per row."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    length = tl.load(LENS + b)
+    q = _load_group_queries(Q, b, h, sq_b, sq_h, G, GP, D)
+    rows = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    m = tl.full([GP], float("-inf"), tl.float32)
+    l_sum = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    c = scale * LOG2E
+    lo = split * SPAN
+    hi = tl.minimum(lo + SPAN, length)
+    for t0 in range(lo, hi, CT):
+        pos = t0 + tl.arange(0, CT)
+        ok = pos < hi
+        pos64 = pos.to(tl.int64)
+        k_ptr = K + b * sk_b + pos64[:, None] * sk_t + h * sk_h + d[None, :]
+        v_ptr = V + b * sv_b + pos64[:, None] * sv_t + h * sv_h + d[None, :]
+        kk = tl.load(k_ptr, mask=ok[:, None], other=0.0)
+        vv = tl.load(v_ptr, mask=ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(kk), IEEE) * c
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
+        m = m_new
+    part = bh.to(tl.int64) * S + split
+    tl.store(ACC + (part * GP + rows)[:, None] * D + d[None, :], acc)
+    tl.store(M_OUT + part * GP + rows, m)
+    tl.store(L_OUT + part * GP + rows, l_sum)
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -291,3 +337,45 @@ def decode_read_bytes(
     units = batch * heads
     full = 2 * context * head_dim * elem_bytes
     return {"full": units * full, "minimum": units * (block_keys + selected), "kernels": units * kernels}
+
+
+# Programs the split-K dense decode aims for: a few waves of the GPU's SMs at any batch size.
+_DENSE_DECODE_PROGRAMS = 1024
+_DENSE_DECODE_TILE = 128
+
+
+def dense_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, *, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full attention of one query per sequence over its ``seq_lens[b]`` cached keys, split over the
+    keys so that batch 1 fills the GPU too; ``(o [B, HQ, D], lse [B, HQ] fp32)``."""
+    b, hq, d = q.shape
+    t, h = k.shape[1], k.shape[2]
+    g = hq // h
+    gp = max(16, next_pow2(g))
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    lens = seq_lens.to(device=q.device, dtype=torch.int32)
+    ct = _DENSE_DECODE_TILE if q.element_size() <= 2 else _DENSE_DECODE_TILE // 2
+    splits = max(1, min(triton.cdiv(t, ct), _DENSE_DECODE_PROGRAMS // (b * h)))
+    span = triton.cdiv(triton.cdiv(t, splits), ct) * ct
+    splits = triton.cdiv(t, span)
+    acc = _alloc.empty(b * h * splits * gp * d, device=q.device, dtype=torch.float32)
+    m_part = _alloc.empty(b * h * splits * gp, device=q.device, dtype=torch.float32)
+    l_part = _alloc.empty(b * h * splits * gp, device=q.device, dtype=torch.float32)
+    _dense_decode_kernel[(b * h, splits)](
+        q, k, v, lens, acc, m_part, l_part,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        h, g, splits, span, scale,
+        CT=ct, GP=gp, D=d, IEEE=exact_dots(q.dtype), num_warps=4,
+    )  # fmt: skip
+    # Merge the splits (splits past a sequence's end hold m = -inf, sum 0; split 0 is never empty).
+    m_part = m_part.view(b, h, splits, gp)[..., :g]
+    l_part = l_part.view(b, h, splits, gp)[..., :g]
+    acc = acc.view(b, h, splits, gp, d)[..., :g, :]
+    m_all = m_part.amax(dim=2, keepdim=True)
+    w = torch.exp2(m_part - m_all)
+    total = (w * l_part).sum(dim=2)
+    o = (w.unsqueeze(-1) * acc).sum(dim=2) / total.unsqueeze(-1)
+    lse = (m_all.squeeze(2) + torch.log2(total)) / LOG2E.value
+    return o.reshape(b, hq, d).to(q.dtype), lse.reshape(b, hq)

@@ -320,3 +320,16 @@ def sparse_decode(
         lses.append(lse[:, 0])
         idxs.append(idx[:, 0])
     return torch.cat(outs), torch.cat(lses), torch.cat(idxs)
+
+
+def dense_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, *, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's query at position ``seq_lens[b] - 1`` attends to all its cached keys."""
+    outs, lses = [], []
+    for i, length in enumerate(seq_lens.tolist()):
+        ki, vi = k[i : i + 1, :length], v[i : i + 1, :length]
+        o, lse = dense_attention(q[i : i + 1, None], ki, vi, q_offset=length - 1, scale=scale)
+        outs.append(o[:, 0])
+        lses.append(lse[:, 0])
+    return torch.cat(outs), torch.cat(lses)

@@ -239,6 +239,10 @@ class SSAAttention(nn.Module):
         """One new token per sequence: ``q [B, HQ, D]`` at position L - 1 against the cache's L keys
         (``k``/``v [B, L, H, D]`` views of the cache, not copied). Returns ``[B, HQ, D]``."""
         b, length, h, d = k.shape
+        if mode == "full" and hasattr(ops, "dense_decode"):
+            # Split over the keys (flash decoding): one sequence still spreads over the whole GPU.
+            seq_lens = torch.full((b,), length, dtype=torch.int32, device=q.device)
+            return ops.dense_decode(q, k, v, seq_lens)[0]
         if mode == "full":
             # The last position sees every cached key: the group's G query heads become G query rows
             # of their KV head, so SDPA reads each cached key once, in place, with no mask and no GQA
