@@ -76,14 +76,6 @@ CASES = {
         ),
         "no S3 credentials for s3://",
     ),
-    "missing-split": (
-        lambda ds, ep, tmp: (["--data.path", f"s3://{BUCKET}/nothing-here"], s3_env(ep)),
-        f"data.path='s3://{BUCKET}/nothing-here' has no train/index.json",
-    ),
-    "other-seq-length": (
-        lambda ds, ep, tmp: (["--data.path", ds["good"], "--data.seq_length", "64"], s3_env(ep)),
-        "hold 33 tokens (written with --seq-len 32) but data.seq_length=64",
-    ),
     "corrupted-first-shard": (
         lambda ds, ep, tmp: (["--data.path", ds["first"]], s3_env(ep)),
         "shard.00000.mds.zstd fails its xxh64 hash (corrupted)",
@@ -99,17 +91,9 @@ CASES = {
         ),
         "is not writable",
     ),
-    "hash-not-in-shards": (
-        lambda ds, ep, tmp: (["--data.path", ds["good"], "--data.validate_hash", "sha256"], s3_env(ep)),
-        "were written without sha256 hashes (data.validate_hash=sha256); set data.validate_hash to one of",
-    ),
     "credentials-in-uri": (
         lambda ds, ep, tmp: (["--data.path", "https://user:secret@example.com/set"], s3_env(ep)),
         "data.path carries credentials in the URI",
-    ),
-    "other-tokenizer": (
-        lambda ds, ep, tmp: (["--data.path", ds["good"], "--data.tokenizer", ds["other_tok"]], s3_env(ep)),
-        f"is not the one the shards in s3://{BUCKET}/set/train recorded",
     ),
     "unknown-scheme": (
         lambda ds, ep, tmp: (["--data.path", "ftp://host/set"], s3_env(ep)),
@@ -128,6 +112,63 @@ CASES = {
         "proportion is set on some streams only",
     ),
 }
+
+
+# Failures found by the preflight on a reachable store: checked in-process (the same function the
+# entry point calls on rank 0) to save a process start each; the entry point's handling of a
+# PreflightError (exit 2, one line) is covered by the cases above.
+PREFLIGHT_CASES = {
+    "missing-split": (
+        {"path": f"s3://{BUCKET}/nothing-here"},
+        f"data.path='s3://{BUCKET}/nothing-here' has no train/index.json",
+    ),
+    "other-seq-length": (
+        {"seq_length": 64},
+        "hold 33 tokens (written with --seq-len 32) but data.seq_length=64",
+    ),
+    "hash-not-in-shards": (
+        {"validate_hash": "sha256"},
+        "were written without sha256 hashes (data.validate_hash=sha256); set data.validate_hash to one of",
+    ),
+    "other-tokenizer": (
+        {"tokenizer": "other"},
+        f"is not the one the shards in s3://{BUCKET}/set/train recorded",
+    ),
+    "missing-explicit-valid": (
+        {"valid_streams": [{"path": f"s3://{BUCKET}/nothing-here"}]},
+        f"data.valid_streams[0].path='s3://{BUCKET}/nothing-here' has no val/index.json",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(PREFLIGHT_CASES))
+def test_preflight_names_the_uri_and_the_fix(
+    case: str, s3_endpoint: str, s3_dataset: str, corpus, other_tokenizer: str, tmp_path: Path
+) -> None:
+    from ssa_megatron.data.preflight import PreflightError, preflight
+    from ssa_megatron.training.config import DataSection
+    from tests.test_data_remote import environ
+
+    keys, message = PREFLIGHT_CASES[case]
+    keys = {
+        "path": s3_dataset,
+        "tokenizer": str(corpus[1]),
+        "seq_length": 32,
+        "cache_dir": str(tmp_path / "cache"),
+        **keys,
+    }
+    if keys["tokenizer"] == "other":
+        keys["tokenizer"] = other_tokenizer
+    section = DataSection(**keys)
+    with environ(s3_env(s3_endpoint)), pytest.raises(PreflightError) as err:
+        preflight(section, seq_len=section.seq_length, seed=1, run_dir=None)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "cache").exists()  # nothing written before the data checked out
+    if case == "other-tokenizer":  # the override key accepts it
+        section.allow_tokenizer_mismatch = True
+        with environ(s3_env(s3_endpoint)):
+            preflight(section, seq_len=section.seq_length, seed=1, run_dir=None)
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +245,7 @@ def test_prepare_data_bad_remote_outputs_exit_2(
     assert "new/" not in str(s3_client(s3_endpoint).list_objects_v2(Bucket=BUCKET).get("Contents", []))
 
 
+@pytest.mark.slow
 def test_corrupted_local_shard_names_file_and_row(tmp_path: Path) -> None:
     """A damaged offset table is named (file and row) when its shard is opened, before any row is drawn."""
     import gc
