@@ -80,11 +80,16 @@ def test_evaluate_cli_refuses_bad_inputs(
     assert exit_info.value.code == 2 and "--checkpoint is required" in capsys.readouterr().err
     np.save(tmp_path / "big.npy", np.array([5, 500, 7] * 20))
     common = ["--data", str(tmp_path / "big.npy"), "--out", str(tmp_path / "o"), "--device", "cpu"]
-    with pytest.raises(ValueError, match="token id 500 is outside the model's vocabulary of 97"):
-        main(["--checkpoint", str(exported), *common])
-    (tmp_path / "llama").mkdir()
-    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match="model_type is 'llama', not 'ssa'"):
-        main(["--checkpoint", str(tmp_path / "llama"), *common])
-    with pytest.raises(FileNotFoundError, match="neither an HF model directory"):
-        main(["--checkpoint", str(tmp_path), *common])
+    # Each refusal: exit code 2 and one line on stderr naming the problem (no traceback).
+    for checkpoint, message in (
+        (exported, "token id 500 is outside the model's vocabulary of 97"),
+        (tmp_path / "llama", "model_type is 'llama', not 'ssa'"),
+        (tmp_path, "neither an HF model directory"),
+    ):
+        if checkpoint == tmp_path / "llama":
+            (tmp_path / "llama").mkdir()
+            (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--checkpoint", str(checkpoint), *common])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err

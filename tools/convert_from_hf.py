@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ssa_megatron.convert.cli import DAMAGED, USAGE, fail, quiet_third_party
+from ssa_megatron.convert.cli import DAMAGED, USAGE, ExportError, check_output_dir, fail, quiet_third_party
 
 quiet_third_party()
 PROG = "convert_from_hf.py"
@@ -65,17 +65,20 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag} {value} must be >= 1")
     if not Path(args.hf).is_dir():
         fail(PROG, f"--hf {args.hf} is not a directory; pass a Hugging Face model directory", USAGE)
+    try:
+        # Both outputs are checked before torch loads and the (long) conversion starts.
+        check_output_dir(args.out, overwrite=args.overwrite)
+        if args.hf_out:
+            check_output_dir(args.hf_out, overwrite=args.overwrite)
+    except ExportError as err:
+        fail(PROG, err, USAGE)
 
-    from ssa_megatron.convert.export import ExportError, check_output_dir, save_hf_directory
+    from ssa_megatron.convert.export import save_hf_directory
     from ssa_megatron.convert.llama_import import LlamaImportError, LlamaReadError, ssa_from_llama
     from ssa_megatron.convert.megatron_bridge import write_megatron_checkpoint
     from ssa_megatron.convert.tokenizer_files import TokenizerExportError
 
     try:
-        # Both outputs are checked before the (long) conversion starts.
-        check_output_dir(args.out, overwrite=args.overwrite)
-        if args.hf_out:
-            check_output_dir(args.hf_out, overwrite=args.overwrite)
         model = ssa_from_llama(
             args.hf,
             block_size=args.block_size,

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ssa_megatron.convert.cli import DAMAGED, USAGE, fail, quiet_third_party
+from ssa_megatron.convert.cli import DAMAGED, USAGE, ExportError, check_output_dir, fail, quiet_third_party
 
 quiet_third_party()
 PROG = "convert_to_hf.py"
@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
              "directory", USAGE)  # fmt: skip
     if args.tokenizer and not Path(args.tokenizer).exists():
         fail(PROG, f"--tokenizer {args.tokenizer} does not exist; pass a tokenizer.json or .model", USAGE)
+    try:
+        check_output_dir(args.out, overwrite=args.overwrite)  # before torch loads: an instant answer
+    except ExportError as err:
+        fail(PROG, err, USAGE)
 
     from ssa_megatron.data.tokenizer import (
         TokenizerMismatch,
@@ -92,13 +96,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ssa_megatron.convert.export import ExportError, check_output_dir
     from ssa_megatron.convert.megatron_bridge import TokenizerMismatchError, export_checkpoint_to_hf
     from ssa_megatron.convert.tokenizer_files import TokenizerExportError
     from ssa_megatron.training.checkpoint import CheckpointError
 
     try:
-        check_output_dir(args.out, overwrite=args.overwrite)
         overrides = {"block_count": args.block_count} if args.block_count else {}
         out = export_checkpoint_to_hf(
             args.checkpoint,

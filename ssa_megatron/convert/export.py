@@ -25,7 +25,10 @@ from pathlib import Path
 from ssa_megatron.hf.configuration_ssa import SSAConfig
 from ssa_megatron.hf.modeling_ssa import SHIPPED_KERNELS_DIR, SSAForCausalLM
 
+from .cli import ExportError, check_output_dir
 from .tokenizer_files import write_tokenizer_files
+
+__all__ = ["ExportError", "check_output_dir", "publish_dir", "save_hf_directory", "ship_kernels"]
 
 HF_CODE_FILES = ("configuration_ssa.py", "modeling_ssa.py", "ssa_attention.py")
 AUTO_MAP = {
@@ -78,10 +81,6 @@ def ship_kernels(out_dir: str | Path) -> Path:
     return dst
 
 
-class ExportError(ValueError):
-    """An export that would lose or mix files (non-empty output without overwrite); names the path."""
-
-
 def publish_dir(tmp: Path, out: Path) -> None:
     """Swap the finished ``tmp`` in as ``out``; the previous ``out`` (if any) is removed only afterwards."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -96,19 +95,6 @@ def _readable(root: Path) -> None:
     # save_pretrained and tempfile-based writers leave 0600 files; a model directory is meant to be shared.
     for path in [root, *root.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def check_output_dir(out_dir: str | Path, *, overwrite: bool) -> Path:
-    """``out_dir`` as a Path when it may be written: absent, empty, or ``overwrite`` (then it is replaced
-    as a whole once the new export is complete). Refuses a file or a non-empty directory otherwise."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file, not a directory; pass a directory path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(
-            f"--out {out} is not empty; pass --overwrite to replace its contents, or choose a new directory"
-        )
-    return out
 
 
 def save_hf_directory(
