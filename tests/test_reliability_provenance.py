@@ -210,3 +210,20 @@ def test_convert_to_hf_refuses_to_ship_another_tokenizer(
     proc = _run([tool, "--checkpoint", str(ckpt), "--out", str(out), *extra], tmp_path)
     _assert_refused(proc, *needles)
     assert _snapshot(world["base"], tmp_path) == before and not out.exists()
+
+
+@pytest.mark.slow
+def test_a_saved_checkpoint_records_its_tokenizer_and_refuses_another_at_resume(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "run"
+    proc = _run(_pretrain_args(world, ckpt, "--train.train_iters", "2"), tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recorded = read_fingerprint(ckpt)
+    assert recorded is not None and recorded["sha256"] == tokenizer_fingerprint(world["a"])["sha256"]
+    # Resuming it (more iterations) with tokenizer B is refused before anything is loaded or written.
+    before = _snapshot(ckpt)
+    proc = _run(_pretrain_args(world, ckpt, "--train.train_iters", "4", "--data.tokenizer", str(world["b"]),
+                               "--data.allow_tokenizer_mismatch", "false"), tmp_path)
+    _assert_refused(proc, str(world["b"]), "data.allow_tokenizer_mismatch=true")
+    assert _snapshot(ckpt) == before

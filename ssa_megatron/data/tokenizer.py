@@ -470,3 +470,19 @@ def checkpoint_tokenizer_path(checkpoint: str | os.PathLike) -> str | None:
     if data.get("tokenizer"):
         return str(data["tokenizer"])
     return str(Path(data["path"]) / "tokenizer.model") if data.get("path") else None
+
+
+def record_checkpoint_tokenizer(checkpoint_dir: str | os.PathLike, data_section: object) -> None:
+    """After a save (rank 0): record in ``checkpoint_dir`` which tokenizer the run trains with
+    (``data.tokenizer``, else the demo set's ``tokenizer.model``); an equal record is left as is."""
+    path = getattr(data_section, "tokenizer", "") or str(Path(getattr(data_section, "path", "")) /
+                                                         "tokenizer.model")
+    if not tokenizer_file(path).is_file():
+        return
+    actual = tokenizer_fingerprint(path)
+    try:
+        recorded = read_fingerprint(checkpoint_dir)
+    except TokenizerMismatch:
+        recorded = None
+    if recorded is None or not fingerprints_match(recorded, actual):
+        write_fingerprint(checkpoint_dir, actual, role="checkpoint")

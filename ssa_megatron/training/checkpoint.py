@@ -655,6 +655,10 @@ class Checkpointer:
             )
         finally:
             _guards["saving"] = False
+        if dist.get_rank() == 0:  # the tokenizer these weights go with, for resume and export checks
+            from ssa_megatron.data.tokenizer import record_checkpoint_tokenizer
+
+            record_checkpoint_tokenizer(self.cfg.checkpoint.dir, self.cfg.data)
         self.last_saved = str(path)
         self.log(f"saved checkpoint {path}")
 

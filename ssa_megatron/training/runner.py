@@ -94,7 +94,7 @@ def prepare_data(cfg: TrainConfig, env: LaunchEnv) -> Any:
 
     try:  # the shards' and the checkpoint's recorded tokenizer (data/tokenizer.py, provenance)
         check_and_record_run_tokenizer(
-            d, tokenizer_path, tokenizer, checkpoint_dir=cfg.checkpoint.dir, record=env.is_main,
+            d, tokenizer_path, tokenizer, checkpoint_dir=None, record=False,
             load_path=ckpt.resolve_checkpoint(cfg.checkpoint.load, cfg.checkpoint.dir),
         )
     except TokenizerMismatch as err:
