@@ -412,4 +412,5 @@ def test_rerun_resumes_and_overwrite_starts_afresh(
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "removed the earlier run's checkpoints" in fresh.stdout
     assert parse_rows(fresh.stdout)[0]["iteration"] == f"1/{ITERS}"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000004", "latest"]
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000004"]
+    assert (ckpt / "latest").read_text().strip() == "iter_0000004"
