@@ -178,8 +178,10 @@ def run(cfg: TrainConfig, env: LaunchEnv | None = None, stream: TextIO | None = 
     if env.is_main:
         for line in ckpt.prepare_checkpoint_dir(c.dir, c.load, c.overwrite):
             stream.write(line + "\n")
-    # The other ranks wait in the rendezvous until rank 0 has recovered the checkpoint directory.
     init_distributed(env, device)
+    if env.world_size > 1:
+        # No rank reads the checkpoint directory before rank 0 has recovered it.
+        dist.barrier()
     ckpt.install_writer_guards()
     if env.is_main:
         stream.write("resolved config:\n" + cfg.to_yaml() + "\n")
