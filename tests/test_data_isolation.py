@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from tests.distributed import free_port
 from tests.test_data_common import build_shards
 
-JOBS, RANKS, REPEATS, BATCHES = 3, 2, 8, 3
+JOBS, RANKS, REPEATS, BATCHES = 3, 2, 6, 3
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -211,3 +211,29 @@ def test_streaming_names_carry_the_run_namespace(shards: Path, tmp_path: Path) -
     finally:
         train.close()
         valid.close()
+
+
+@pytest.mark.slow
+def test_pretrain_refuses_a_checkpoint_dir_in_use_by_a_live_run(shards: Path, tmp_path: Path) -> None:
+    """Two live runs on one checkpoint.dir would share its data cache: the second exits 2 with one line."""
+    ckpt = tmp_path / "run"
+    holder, namespace = _start_holder(shards, ckpt / "data_cache")  # the live run's cache
+    try:
+        tok = shards.parent / "tok.model"
+        args = [str(ROOT / "pretrain_ssa.py"), "--config", str(ROOT / "examples" / "tiny_cpu.yaml"),
+                "--data.build_demo", "false", "--data.path", str(shards), "--data.tokenizer", str(tok),
+                "--data.seq_length", "16", "--model.num_layers", "1", "--model.hidden_size", "32",
+                "--model.ffn_hidden_size", "64", "--model.num_attention_heads", "2",
+                "--model.num_query_groups", "1", "--model.block_size", "4", "--model.block_count", "2",
+                "--train.train_iters", "1", "--optim.warmup_iters", "0", "--checkpoint.dir", str(ckpt),
+                "--logging.tensorboard_dir", "null"]
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
+        # Ours is the one "pretrain_ssa.py:" line (torch and megatron log their own warnings at start-up).
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("pretrain_ssa.py:")]
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"pid {holder.pid}" in lines[0] and "checkpoint.dir" in lines[0], lines[0]
+        assert _traces(namespace)  # the live run's state is untouched
+    finally:
+        _kill_group(holder)
