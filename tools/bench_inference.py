@@ -17,8 +17,9 @@ against its FLOPs at the measured matmul peak and the selection's share come fro
 ``--decode BATCHxCONTEXT ...`` times one decoding step of the Hugging Face model (same shape, random
 bf16 weights) per mode at each batch and context: a preallocated cache (``SSAStaticCache``) filled
 with random keys/values, the step captured in a CUDA graph (so launches do not hide the reads), full
-mode reading the whole cache with SDPA, sparse mode the block keys and the selected blocks
-(``kernels.ssa.sparse_decode``), with the bytes each mode's attention reads per step.
+mode reading the whole cache (``kernels.ssa.dense_decode``, split over the keys), sparse mode the
+block keys and the selected blocks (``kernels.ssa.sparse_decode``), with the bytes each mode's
+attention reads per step.
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ are defaults; ``forward``/``generate`` accept ``attention_mode=`` and ``block_co
 KV cache: keys are cached after RoPE. A decoding step (one new token per sequence after a prompt)
 takes the decode path: in sparse mode the cache's block keys are kept per layer and updated as blocks
 fill (``decode_block_keys``), and ``sparse_decode`` selects over them and reads only the selected
-blocks' keys and values; in full mode SDPA reads the cache in place. Both give the logits of the
-no-cache forward. ``SSAStaticCache`` is a preallocated cache for loops that must not copy the cache
-every step (``DynamicCache`` concatenates).
+blocks' keys and values; in full mode ``dense_decode`` (SDPA on the PyTorch path) reads the cache in
+place. Both give the logits of the no-cache forward. ``SSAStaticCache`` is a preallocated cache for
+loops that must not copy the cache every step (``DynamicCache`` concatenates).
 """
 
 from __future__ import annotations
