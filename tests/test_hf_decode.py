@@ -118,3 +118,22 @@ def test_greedy_decode_equals_rerun_on_gpu_1b_layout() -> None:
         model(ids[:, :-1], past_key_values=cache, use_cache=True, attention_mode="full")
         got = model(ids[:, -1:], past_key_values=cache, use_cache=True, attention_mode="full").logits[:, -1]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "full"])
+def test_chunked_prefill_equals_one_pass(mode: str) -> None:
+    torch.manual_seed(8)
+    model = SSAForCausalLM(tiny_config()).eval()
+    ids = torch.randint(1, 97, (2, 37), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = model(ids, use_cache=False, attention_mode=mode).logits
+        # Chunks of 10 tokens (not a multiple of the 4-token blocks), with and without a returned cache.
+        got = model(ids, use_cache=False, attention_mode=mode, prefill_chunk_size=10)
+        cached = model(ids[:, :36], use_cache=True, attention_mode=mode, prefill_chunk_size=10)
+        step = model(ids[:, 36:], past_key_values=cached.past_key_values, use_cache=True, attention_mode=mode)
+    assert got.past_key_values is None
+    torch.testing.assert_close(got.logits, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached.logits, want[:, :36], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step.logits, want[:, 36:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"prefill_chunk_size must be >= 1 or None, got 0"):
+        model(ids, prefill_chunk_size=0)

@@ -472,6 +472,21 @@ class SSAForCausalLM(SSAPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
 
+    def _chunked_prefill(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, cache: Any, mode: str,
+        block_count: int, chunk: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """The prompt in chunks of ``chunk`` tokens through the cache: each chunk's queries attend to the
+        cached keys at their absolute positions, so the result equals one pass, while the activations
+        (attention scores, MLP intermediates) are those of one chunk at a time."""
+        source = input_ids if inputs_embeds is None else inputs_embeds
+        pieces = []
+        for start in range(0, source.shape[1], chunk):
+            part = source[:, start : start + chunk]
+            ids, embeds = (part, None) if inputs_embeds is None else (None, part)
+            pieces.append(self.model(ids, embeds, None, cache, mode, block_count))
+        return torch.cat(pieces, dim=1)
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
@@ -523,6 +538,7 @@ class SSAForCausalLM(SSAPreTrainedModel, GenerationMixin):
         attention_mode: str | None = None,
         block_count: int | None = None,
         return_dict: bool | None = None,
+        prefill_chunk_size: int | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         mode = attention_mode or self.config.attention_mode
@@ -538,11 +554,18 @@ class SSAForCausalLM(SSAPreTrainedModel, GenerationMixin):
                 "run sequences of equal length or one sequence at a time"
             )
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
+        if prefill_chunk_size is not None and prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1 or None, got {prefill_chunk_size}")
+        length = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        chunked = prefill_chunk_size is not None and length > prefill_chunk_size and position_ids is None
+        if (use_cache or chunked) and past_key_values is None:
             past_key_values = DynamicCache()
-        hidden = self.model(
-            input_ids, inputs_embeds, position_ids, past_key_values if use_cache else None, mode, block_count
-        )
+        if chunked:
+            hidden = self._chunked_prefill(input_ids, inputs_embeds, past_key_values, mode, block_count,
+                                           prefill_chunk_size)  # fmt: skip
+        else:
+            cache = past_key_values if use_cache else None
+            hidden = self.model(input_ids, inputs_embeds, position_ids, cache, mode, block_count)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(hidden[:, keep])
         loss = None
