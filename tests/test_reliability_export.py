@@ -216,3 +216,20 @@ def test_llama_import_config_trains_as_is_once_data_path_is_given(world: dict[st
 
     with pytest.raises(ConfigError, match=r"data\.path"):
         load_config(config, warn=lambda line: None)
+
+
+@pytest.mark.slow
+def test_a_successful_export_prints_no_third_party_noise(world: dict[str, Path], tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert_to_hf.py"), "--checkpoint", str(world["ckpt"]),
+         "--out", str(tmp_path / "hf"), "--no-kernels"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    noise = ("Transformer Engine", "Apex", "deprecated", "Setting accelerator", "CUDA_HOME", "Warning")
+    heard = [line for line in (proc.stdout + proc.stderr).splitlines() if any(n in line for n in noise)]
+    assert heard == [], heard
+    assert proc.stdout.strip() == f"exported {world['ckpt']} -> {tmp_path / 'hf'}"
+    # The tokenizer the checkpoint names (a copy of the Llama directory's) came along, its EOS with it.
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == VOCAB - 1

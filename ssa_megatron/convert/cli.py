@@ -50,9 +50,14 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=fallback)
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category, module=r"megatron(\.|$)")
-    warnings.filterwarnings("ignore", message=r".*megatron.*deprecat", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r".*\bdeprecated\b", module=r"megatron(\.|$)")
     # torch's extension loader logs this at import on any machine without a CUDA toolkit.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # DeepSpeed (imported by transformers/accelerate) announces its CPU fallback on its own logger, whose
+    # level it sets itself at import; a filter on the logger survives that.
+    logging.getLogger("DeepSpeed").addFilter(
+        lambda record: not record.getMessage().startswith("Setting accelerator to CPU")
+    )
 
 
 def fail(prog: str, message: object, code: int) -> NoReturn:
