@@ -124,11 +124,18 @@ def test_llama_import_refusals(tmp_path: Path) -> None:
 def converted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("convert")
     llama = _llama(root / "llama", tied=False)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(95)} | {"</s>": 95}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(root / "llama" / "tokenizer.json"))
     ckpt = root / "ckpt"
     rc = _tool("convert_from_hf")(
         [
             "--hf",
             str(root / "llama"),
+            "--hf-out",
+            str(root / "hf_direct"),
             "--out",
             str(ckpt),
             "--tp",
@@ -155,6 +162,15 @@ def test_llama_megatron_hf_round_trip_is_lossless(converted: dict) -> None:
     assert (ckpt / "latest").read_text().strip() == "iter_0000000"
     assert _tool("convert_to_hf")(["--checkpoint", str(ckpt), "--out", str(root / "hf"), "--no-kernels"]) == 0
     exported = SSAForCausalLM.from_pretrained(root / "hf").eval()
+    # The Llama tokenizer travelled: into the checkpoint (named by its config), and on into both exports.
+    from transformers import AutoTokenizer
+
+    for hf_dir in (root / "hf", root / "hf_direct"):
+        tok = AutoTokenizer.from_pretrained(hf_dir)
+        assert tok("w3 w7")["input_ids"] == [3, 7] and tok.eos_token_id == 95, hf_dir
+        assert json.loads((hf_dir / "generation_config.json").read_text())["eos_token_id"] == 95
+    hf_out = SSAForCausalLM.from_pretrained(root / "hf_direct").eval()
+    assert all(torch.equal(hf_out.state_dict()[k], v) for k, v in exported.state_dict().items())
     assert exported.config.block_size == 4 and exported.config.train_seq_length == 48
     direct = ssa_from_llama(root / "llama", block_size=4, block_count=3, seq_length=48)
     for k, v in direct.state_dict().items():
