@@ -274,3 +274,40 @@ def test_corrupted_local_shard_names_file_and_row(tmp_path: Path) -> None:
     train.close()
     gc.collect()
     assert os.path.getsize(raw) == len(data)  # the local copy is reported, not deleted
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_shard_failing_its_hash_is_named_and_never_waited_for(tmp_path: Path) -> None:
+    """A download that fails its hash hands the shard back (a rank blocked on it must not wait forever),
+    deletes the damaged cached copy and leaves the source alone; the loader raises a DataError naming it."""
+    import gc
+
+    from streaming.base.dataset import _ShardState
+
+    from ssa_megatron.data.loader import DataError, build_loaders
+    from tests.test_data_common import build_shards
+
+    root, _, _ = build_shards(tmp_path, n_docs=60, seq_len=16)
+    zipped = sorted((root / "train").glob("shard.*.mds.zstd"))
+    victim = zipped[1]
+    data = bytearray(victim.read_bytes())
+    data[-4:] = bytes(b ^ 0xFF for b in data[-4:])
+    victim.write_bytes(bytes(data))
+    cache = tmp_path / "cache"
+    cfg = {
+        "train": [{"path": str(root / "train"), "local": str(cache)}],
+        "validate_hash": "xxh64",
+        "shuffle": False,
+    }
+    train, _ = build_loaders(cfg, micro_batch_size=2, seq_len=16, dp_rank=0, dp_size=1)
+    dataset = train.dataset
+    with pytest.raises(DataError, match=rf"shard .*{victim.name}: ValueError: hash mismatch"):
+        dataset.prepare_shard(1)
+    assert dataset._shard_states[1] == _ShardState.REMOTE
+    assert not (cache / victim.name).exists() and victim.read_bytes() == bytes(data)
+    with pytest.raises(DataError, match=victim.name):
+        for _ in train:
+            pass
+    train.close()
+    gc.collect()

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from streaming import Stream, StreamingDataset
+from streaming.base.dataset import _ShardState
 from streaming.base.world import World
 from torch.utils.data import DataLoader
 
@@ -145,20 +146,34 @@ class ReplicaStreamingDataset(StreamingDataset):
         return _shard_name(self.streams[self.stream_per_shard[shard_id]], self.shards[shard_id])
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        if self._data_error is not None:
+            raise self._data_error
         try:
             super().prepare_shard(shard_id, blocking)
+        except Exception as err:
+            # streaming leaves a failed shard PREPARING, and a rank waiting for it (blocking) would
+            # wait forever: hand it back, so the waiter retries and meets the error itself.
+            if self._shard_states[shard_id] == _ShardState.PREPARING:
+                self._shard_states[shard_id] = _ShardState.REMOTE
+            self._record(shard_id, err)
+        try:
             self._verify(shard_id)
         except DataError as err:
             self._data_error = err
             raise
-        except Exception as err:
-            message = str(err)
-            if "Checksum failure" in message:
-                message = "hash mismatch (the shard is corrupted); re-write or re-upload it"
-                self._drop_cached(shard_id)
-            label = self._shard_label(shard_id)
-            self._data_error = DataError(f"shard {label}: {type(err).__name__}: {message}")
-            raise self._data_error from err
+
+    def _record(self, shard_id: int, err: Exception) -> None:
+        """Keep the first data error (the main thread raises it) and raise it, naming the shard."""
+        if isinstance(err, DataError):
+            self._data_error = self._data_error or err
+            raise err
+        message = str(err)
+        if "Checksum failure" in message:
+            message = "hash mismatch (the shard is corrupted); re-write or re-upload it"
+            self._drop_cached(shard_id)
+        error = DataError(f"shard {self._shard_label(shard_id)}: {type(err).__name__}: {message}")
+        self._data_error = self._data_error or error
+        raise error from err
 
     def on_exception(self, future: Any) -> None:
         """A download thread failed: stop the others; the main thread raises the recorded error.
