@@ -90,10 +90,11 @@ def init_distributed(env: LaunchEnv, device: torch.device, timeout_minutes: int 
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(minutes=timeout_minutes)
-    if env.launcher == "single" and env.world_size == 1:
-        # A lone process rendezvous with itself through an in-process store: no port at all. A
+    if env.world_size == 1:
+        # A world of one rendezvous with itself through an in-process store: no port at all. A
         # "free" port picked and then bound by the TCP store raced with other sockets on the host
-        # (EADDRINUSE on the third of three back-to-back benchmark runs on an H200 machine).
+        # (EADDRINUSE on back-to-back benchmark runs), and a lone process that inherited RANK and
+        # WORLD_SIZE=1 (e.g. from a parent that built streaming loaders) has no MASTER_ADDR to meet at.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return
     if env.launcher == "slurm" and ("MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ):
