@@ -132,7 +132,7 @@ time.sleep(600)
 def _start_holder(root: Path, cache: Path) -> tuple[subprocess.Popen, str]:
     code = _HOLDER.format(train=str(root / "train"), val=str(root / "val"), cache=str(cache))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    # Its own session: killing the group takes its resource tracker too, as SLURM or the OOM killer
+    # A process group of its own: killing the group takes its resource tracker too, as SLURM or the OOM killer
     # do, so nothing tidies up after it.
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
