@@ -31,21 +31,13 @@ import triton.language as tl
 
 from kernels.ssa import _alloc
 from kernels.ssa._plan import next_pow2
-from kernels.ssa.selection_kernel import exact_dots
+from kernels.ssa.selection_kernel import _dot, exact_dots
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Blocks scored per program of the two selection kernels.
 _SELECT_TILE = 256
 # Keys gathered per attention chunk (the selected blocks' tokens, all loads of a chunk in flight).
 _ATTN_CHUNK_TOKENS = 256
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
