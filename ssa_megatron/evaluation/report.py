@@ -22,6 +22,13 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _keyed_section(
+    title: str, header: list[str], keys: list[str], rows: list[dict[str, Any]]
+) -> list[str]:
+    """A titled table whose columns ``header`` show the fields ``keys`` of each row dict."""
+    return [title, "", _table(header, [[r[k] for k in keys] for r in rows]), ""]
+
+
 def to_markdown(results: dict[str, Any]) -> str:
     """Human-readable tables of every stage present in ``results``."""
     ck = results.get("checkpoint")
@@ -74,50 +81,29 @@ def to_markdown(results: dict[str, Any]) -> str:
             ]
     sweep = results.get("budget_sweep")
     if sweep:
-        parts += [
+        parts += _keyed_section(
             f"## Budget sweep (block_size {sweep['block_size']}, full-attention ppl {sweep['ppl_full']:.4f})",
-            "",
-        ]
-        parts += [
-            _table(
-                ["block_count", "receptive field", "ppl sparse", "sparsity", "KL(sparse, full)"],
-                [
-                    [
-                        r["block_count"],
-                        r["receptive_field"],
-                        r["ppl_sparse"],
-                        r["sparsity"],
-                        r["kl_sparse_full"],
-                    ]
-                    for r in sweep["rows"]
-                ],
-            ),
-            "",
-        ]
+            ["block_count", "receptive field", "ppl sparse", "sparsity", "KL(sparse, full)"],
+            ["block_count", "receptive_field", "ppl_sparse", "sparsity", "kl_sparse_full"],
+            sweep["rows"],
+        )
     ext = results.get("extrapolation")
     if ext:
-        parts += [
+        parts += _keyed_section(
             f"## Extrapolation (train length {ext['train_length']}, RoPE scaling {ext['rope_scaling']})",
-            "",
-        ]
-        parts += [
-            _table(
-                ["factor", "length", "mode", "ppl", "windows"],
-                [[r["factor"], r["length"], r["mode"], r["ppl"], r["windows"]] for r in ext["rows"]],
-            ),
-            "",
-        ]
+            ["factor", "length", "mode", "ppl", "windows"],
+            ["factor", "length", "mode", "ppl", "windows"],
+            ext["rows"],
+        )
         parts += [f"- skipped {s['length']}: {s['reason']}" for s in ext.get("skipped", [])]
     pk = results.get("passkey")
     if pk:
-        parts += [f"## Passkey retrieval ({pk['trials']} keys per cell)", ""]
-        parts += [
-            _table(
-                ["length", "depth", "mode", "accuracy"],
-                [[r["length"], r["depth"], r["mode"], r["accuracy"]] for r in pk["rows"]],
-            ),
-            "",
-        ]
+        parts += _keyed_section(
+            f"## Passkey retrieval ({pk['trials']} keys per cell)",
+            ["length", "depth", "mode", "accuracy"],
+            ["length", "depth", "mode", "accuracy"],
+            pk["rows"],
+        )
     return "\n".join(parts) + "\n"
 
 
