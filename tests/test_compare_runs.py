@@ -3,7 +3,6 @@ with run and checkpoint iteration; and its refusals."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +14,11 @@ from ssa_megatron.convert.presets import tiny_config
 from ssa_megatron.evaluation.compare import describe_checkpoint
 from ssa_megatron.evaluation.runner import EvalOptions, run_evaluation
 from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.run_helpers import run_tool
 
 
 def _compare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "compare_runs.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_tool("compare_runs", *args)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +12,13 @@ import torch
 from ssa_megatron.convert.export import save_hf_directory
 from ssa_megatron.convert.presets import tiny_config
 from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
+from tests.run_helpers import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "evaluate.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_tool("evaluate", *args)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,45 @@
+"""Shared helpers of the tests that run the project's entry points: tools/*.py as subprocesses and the
+``--section.key value`` override lists that pretrain_ssa.py takes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The tiny model of the CPU training tests: 2 layers, hidden 64, 2 selected blocks of 16 tokens.
+TINY_MODEL: dict[str, str] = {
+    "model.num_layers": "2",
+    "model.hidden_size": "64",
+    "model.ffn_hidden_size": "192",
+    "model.num_attention_heads": "4",
+    "model.num_query_groups": "2",
+    "model.block_size": "16",
+    "model.block_count": "2",
+}
+
+# fp32 on the CPU, where a distributed optimizer has nothing to shard.
+CPU_FP32: dict[str, str] = {
+    "train.precision": "fp32",
+    "train.device": "cpu",
+    "parallel.distributed_optimizer": "false",
+}
+
+
+def flags(pairs: Mapping[str, object]) -> list[str]:
+    """``{"model.num_layers": 2}`` as ``["--model.num_layers", "2"]``, in the mapping's order."""
+    return [x for key, value in pairs.items() for x in ("--" + key, str(value))]
+
+
+def run_tool(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """tools/<name>.py with `args`, run from the repository root; output captured as text."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / f"{name}.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
