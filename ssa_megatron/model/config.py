@@ -240,6 +240,28 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
     )
 
 
+# The ModelConfig fields that megatron's config takes unchanged and under the same name.
+_TRANSFORMER_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "init_method_std",
+    "attention_mode",
+    "block_size",
+    "block_count",
+    "p_full",
+    "alignment_weight",
+    "alignment_loss",
+    "inference_mode",
+    "inference_block_count",
+    "document_causal",
+    "rotary_base",
+    "kernel_backend",
+)
+
+
 def transformer_config(
     model: ModelConfig,
     *,
@@ -273,13 +295,8 @@ def transformer_config(
     }[recompute]
     m = model
     return llama_block_config(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        ffn_hidden_size=m.ffn_hidden_size,
-        num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups,
+        **{name: getattr(m, name) for name in _TRANSFORMER_FIELDS},
         kv_channels=m.head_dim,
-        init_method_std=m.init_method_std,
         layernorm_epsilon=m.norm_epsilon,
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
@@ -291,18 +308,7 @@ def transformer_config(
         params_dtype=dtype,
         pipeline_dtype=dtype,
         use_cpu_initialization=cpu_initialization,
-        attention_mode=m.attention_mode,
-        block_size=m.block_size,
-        block_count=m.block_count,
-        p_full=m.p_full,
-        alignment_weight=m.alignment_weight,
-        alignment_loss=m.alignment_loss,
-        inference_mode=m.inference_mode,
-        inference_block_count=m.inference_block_count,
-        document_causal=m.document_causal,
         mode_seed=mode_seed,
-        rotary_base=m.rotary_base,
-        kernel_backend=m.kernel_backend,
         **recompute_fields,
     )
 

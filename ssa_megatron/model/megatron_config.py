@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from megatron.core.transformer import TransformerConfig
 
-from ssa_megatron.model.config import check_ssa_fields
+from ssa_megatron.model.config import ModelConfig, check_ssa_fields
 
 
 @dataclass
@@ -26,18 +26,19 @@ class SSATransformerConfig(TransformerConfig):
     ``position_ids == 0``); the paper's recipe attends across documents (False).
     """
 
-    attention_mode: str = "ssa"
-    block_size: int = 16
-    block_count: int = 16
-    p_full: float = 0.5
-    alignment_weight: float = 10.0
-    alignment_loss: str = "smooth_l1"
-    inference_mode: str = "sparse"
-    inference_block_count: int | None = None
-    document_causal: bool = False
+    # The SSA defaults are the model section's, defined once in ModelConfig.
+    attention_mode: str = ModelConfig.attention_mode
+    block_size: int = ModelConfig.block_size
+    block_count: int = ModelConfig.block_count
+    p_full: float = ModelConfig.p_full
+    alignment_weight: float = ModelConfig.alignment_weight
+    alignment_loss: str = ModelConfig.alignment_loss
+    inference_mode: str = ModelConfig.inference_mode
+    inference_block_count: int | None = ModelConfig.inference_block_count
+    document_causal: bool = ModelConfig.document_causal
     mode_seed: int = 0
-    rotary_base: float = 500000.0
-    kernel_backend: str = "auto"
+    rotary_base: float = ModelConfig.rotary_base
+    kernel_backend: str = ModelConfig.kernel_backend
 
     def __post_init__(self) -> None:
         groups = self.num_query_groups or self.num_attention_heads
