@@ -135,7 +135,7 @@ def _start_holder(root: Path, cache: Path) -> tuple[subprocess.Popen, str]:
     # A process group of its own: killing the group takes its resource tracker too, as SLURM or the OOM killer
     # do, so nothing tidies up after it.
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+                            preexec_fn=os.setsid)
     assert proc.stdout is not None
     namespace = proc.stdout.readline().strip()
     assert namespace.startswith("ssa-"), f"holder did not start (exit {proc.poll()})"

@@ -60,12 +60,12 @@ class PreflightResult:
 
 
 def _s3_client(timeout: float) -> Any:
-    from boto3.session import Session
+    import boto3
     from botocore.config import Config
 
     # The client streaming builds (S3Downloader._create_s3_client): same endpoint variable, same
     # credential chain, so what passes here is what the loader will see.
-    return Session().client(
+    return boto3.Session().client(
         "s3",
         config=Config(connect_timeout=min(timeout, 10.0), read_timeout=timeout, retries={"max_attempts": 2}),
         endpoint_url=os.environ.get("S3_ENDPOINT_URL"),
@@ -77,12 +77,12 @@ def _endpoint() -> str:
 
 
 def _read_s3(uri: str, timeout: float) -> bytes | None:
-    from boto3.session import Session
+    import boto3
     from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
     parts = urllib.parse.urlsplit(uri)
     bucket, key = parts.netloc, parts.path.lstrip("/")
-    if Session().get_credentials() is None:
+    if boto3.Session().get_credentials() is None:
         raise PreflightError(
             f"no S3 credentials for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, "
             "or run where an instance role applies); a non-AWS store also needs S3_ENDPOINT_URL"
