@@ -31,6 +31,7 @@ import triton.language as tl
 
 from kernels.ssa import _alloc
 from kernels.ssa._plan import next_pow2
+from kernels.ssa.selected_attention_kernel import online_softmax_step
 from kernels.ssa.selection_kernel import _dot, exact_dots
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -156,13 +157,7 @@ def _decode_attn_kernel(
         pos = tl.where(ok, pos, 0)
         kk = tl.load(K + b * sk_b + pos[:, None] * sk_t + h * sk_h + d[None, :], mask=ok[:, None], other=0.0)
         vv = tl.load(V + b * sv_b + pos[:, None] * sv_t + h * sv_h + d[None, :], mask=ok[:, None], other=0.0)
-        s = _dot(q, tl.trans(kk), IEEE) * c
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
+        m_new, alpha, p, l_sum = online_softmax_step(q, kk, ok, c, m, l_sum, IEEE)
         acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
         m = m_new
     # The own block's first token is always selected and visible, so l_sum > 0.
@@ -204,13 +199,7 @@ def _dense_decode_kernel(
         v_ptr = V + b * sv_b + pos64[:, None] * sv_t + h * sv_h + d[None, :]
         kk = tl.load(k_ptr, mask=ok[:, None], other=0.0)
         vv = tl.load(v_ptr, mask=ok[:, None], other=0.0)
-        s = _dot(q, tl.trans(kk), IEEE) * c
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
+        m_new, alpha, p, l_sum = online_softmax_step(q, kk, ok, c, m, l_sum, IEEE)
         acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
         m = m_new
     part = bh.to(tl.int64) * S + split

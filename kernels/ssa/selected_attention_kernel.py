@@ -57,6 +57,24 @@ def _selected_keys(idx_row, c0, c_in, r, doc, loc, BC, BS: tl.constexpr):
 
 
 @triton.jit
+def online_softmax_step(q, kt, ok, qk_scale, m, l_sum, IEEE: tl.constexpr):
+    """One chunk of keys ``kt`` (rows ``ok`` visible) folded into the running softmax of queries ``q``.
+
+    ``qk_scale`` carries the log2(e) factor, so ``m`` is the running max in log2 units and ``l_sum``
+    the running sum of exponentials. Returns ``(m_new, alpha, p, l_new)``: ``alpha`` rescales the
+    running output and ``p`` holds the chunk's unnormalised probabilities; the caller adds ``p @ v``
+    itself, so each kernel keeps its own place for the value load.
+    """
+    s = _dot(q, tl.trans(kt), IEEE) * qk_scale
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, alpha, p, l_sum * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _key_rows(base, kpos, ok, sk_t, d):
     return tl.load(base + kpos[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
 
@@ -84,13 +102,7 @@ def _fwd_kernel(
     for c0 in range(0, BC, KN // BS):
         kpos, ok = _selected_keys(idx_row, c0, c_in, r, doc, loc, BC, BS)
         kt = _key_rows(k_base, kpos, ok, sk_t, d)
-        s = _dot(q, tl.trans(kt), IEEE) * qk_scale
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        acc_l = acc_l * alpha + tl.sum(p, 1)
+        m_new, alpha, p, acc_l = online_softmax_step(q, kt, ok, qk_scale, m, acc_l, IEEE)
         vt = _key_rows(v_base, kpos, ok, sk_t, d)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE)
         m = m_new
