@@ -22,11 +22,31 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _keyed_section(
-    title: str, header: list[str], keys: list[str], rows: list[dict[str, Any]]
-) -> list[str]:
-    """A titled table whose columns ``header`` show the fields ``keys`` of each row dict."""
-    return [title, "", _table(header, [[r[k] for k in keys] for r in rows]), ""]
+# The stages reported as one table of their result rows: results key, title (formatted with the
+# stage's results) and the columns as (header, row key).
+_KEYED_SECTIONS = (
+    (
+        "budget_sweep",
+        "## Budget sweep (block_size {block_size}, full-attention ppl {ppl_full:.4f})",
+        (
+            ("block_count", "block_count"),
+            ("receptive field", "receptive_field"),
+            ("ppl sparse", "ppl_sparse"),
+            ("sparsity", "sparsity"),
+            ("KL(sparse, full)", "kl_sparse_full"),
+        ),
+    ),
+    (
+        "extrapolation",
+        "## Extrapolation (train length {train_length}, RoPE scaling {rope_scaling})",
+        tuple((c, c) for c in ("factor", "length", "mode", "ppl", "windows")),
+    ),
+    (
+        "passkey",
+        "## Passkey retrieval ({trials} keys per cell)",
+        tuple((c, c) for c in ("length", "depth", "mode", "accuracy")),
+    ),
+)
 
 
 def to_markdown(results: dict[str, Any]) -> str:
@@ -79,31 +99,18 @@ def to_markdown(results: dict[str, Any]) -> str:
                 _table(["run", "layer", "sparsity", "entropy", "KL(sparse, full)"], layer_rows),
                 "",
             ]
-    sweep = results.get("budget_sweep")
-    if sweep:
-        parts += _keyed_section(
-            f"## Budget sweep (block_size {sweep['block_size']}, full-attention ppl {sweep['ppl_full']:.4f})",
-            ["block_count", "receptive field", "ppl sparse", "sparsity", "KL(sparse, full)"],
-            ["block_count", "receptive_field", "ppl_sparse", "sparsity", "kl_sparse_full"],
-            sweep["rows"],
-        )
-    ext = results.get("extrapolation")
-    if ext:
-        parts += _keyed_section(
-            f"## Extrapolation (train length {ext['train_length']}, RoPE scaling {ext['rope_scaling']})",
-            ["factor", "length", "mode", "ppl", "windows"],
-            ["factor", "length", "mode", "ppl", "windows"],
-            ext["rows"],
-        )
-        parts += [f"- skipped {s['length']}: {s['reason']}" for s in ext.get("skipped", [])]
-    pk = results.get("passkey")
-    if pk:
-        parts += _keyed_section(
-            f"## Passkey retrieval ({pk['trials']} keys per cell)",
-            ["length", "depth", "mode", "accuracy"],
-            ["length", "depth", "mode", "accuracy"],
-            pk["rows"],
-        )
+    for key, title, columns in _KEYED_SECTIONS:
+        section = results.get(key)
+        if section:
+            header, keys = zip(*columns)
+            parts += [
+                title.format(**section),
+                "",
+                _table(list(header), [[r[k] for k in keys] for r in section["rows"]]),
+                "",
+            ]
+            # Lengths the stage could not run (extrapolation beyond memory or the data).
+            parts += [f"- skipped {s['length']}: {s['reason']}" for s in section.get("skipped", [])]
     return "\n".join(parts) + "\n"
 
 
