@@ -8,6 +8,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The tiny model of the CPU training tests: 2 layers, hidden 64, 2 selected blocks of 16 tokens.
@@ -43,3 +45,24 @@ def run_tool(name: str, *args: str, timeout: float = 300) -> subprocess.Complete
         text=True,
         timeout=timeout,
     )
+
+
+def write_packed_split(out: Path) -> list[np.ndarray]:
+    """Four seeded documents (ids 4..89) packed into 8-token MDS rows at `out`; returns the documents."""
+    from streaming import MDSWriter
+
+    from ssa_megatron.data import packing
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(4, 90, size=n) for n in (7, 30, 3, 19)]
+    with MDSWriter(out=str(out), columns=packing.mds_columns(97)) as writer:
+        for row in packing.pack_documents(docs, 8, 3, np.dtype(np.uint16)):
+            writer.write(
+                {
+                    packing.COL_TOKENS: row.tokens,
+                    packing.COL_DOC_STARTS: row.doc_starts,
+                    packing.COL_NUM_TOKENS: row.num_tokens,
+                    packing.COL_ROW_ID: row.row_id,
+                }
+            )
+    return docs

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_distributed
+from tests.run_helpers import TINY_MODEL, flags
 from tests.test_training_golden_curve import build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,13 +42,7 @@ def cli_args(data: str, ckpt: str | None, *extra: str) -> list[str]:
         "data.tokenizer": data + "/tokenizer.model",
         "data.build_demo": "false",
         "data.seq_length": "128",
-        "model.num_layers": "2",
-        "model.hidden_size": "64",
-        "model.ffn_hidden_size": "192",
-        "model.num_attention_heads": "4",
-        "model.num_query_groups": "2",
-        "model.block_size": "16",
-        "model.block_count": "2",
+        **TINY_MODEL,
         "train.micro_batch_size": "2",
         "train.global_batch_size": "4",
         "train.train_iters": str(ITERS),
@@ -59,10 +54,7 @@ def cli_args(data: str, ckpt: str | None, *extra: str) -> list[str]:
         "logging.tensorboard_dir": "null",
         "checkpoint.dir": ckpt if ckpt is not None else "null",
     }
-    args = ["--config", "examples/tiny_cpu.yaml"]
-    for key, value in pairs.items():
-        args += ["--" + key, value]
-    return args + list(extra)
+    return ["--config", "examples/tiny_cpu.yaml", *flags(pairs), *extra]
 
 
 def _env(**extra: str) -> dict[str, str]:

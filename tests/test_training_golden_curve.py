@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_distributed
+from tests.run_helpers import CPU_FP32, TINY_MODEL, flags
 
 ITERS = 8
 
@@ -79,17 +80,9 @@ def overrides(data_dir: str) -> list[str]:
         "data.path": data_dir,
         "data.tokenizer": data_dir + "/tokenizer.model",
         "data.seq_length": "128",
-        "model.num_layers": "2",
-        "model.hidden_size": "64",
-        "model.ffn_hidden_size": "192",
-        "model.num_attention_heads": "4",
-        "model.num_query_groups": "2",
+        **TINY_MODEL,
         "model.attention_mode": "ssa",
-        "model.block_size": "16",
-        "model.block_count": "2",
-        "train.precision": "fp32",
-        "train.device": "cpu",
-        "parallel.distributed_optimizer": "false",
+        **CPU_FP32,
         "train.micro_batch_size": "2",
         "train.global_batch_size": "4",
         "train.train_iters": str(ITERS),
@@ -105,7 +98,7 @@ def overrides(data_dir: str) -> list[str]:
         "checkpoint.dir": "null",
         "logging.tensorboard_dir": "null",
     }
-    return [x for k, v in pairs.items() for x in ("--" + k, v)]
+    return flags(pairs)
 
 
 def _curve(rank: int, world: int, data_dir: str) -> list[tuple[str, str, str]]:

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_distributed
+from tests.run_helpers import CPU_FP32, TINY_MODEL, flags
 
 DEMO = {"seq_length": 64, "demo_vocab_size": 1024, "demo_bytes": 600_000}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     from ssa_megatron.data import prepare_demo_dataset
 
@@ -34,65 +35,31 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def tiny_overrides(data_dir: str, *extra: str) -> list[str]:
     """--section.key value list for a tiny fp32 CPU run on the demo set in `data_dir`."""
-    args = [
-        "--data.path",
-        data_dir,
-        "--data.build_demo",
-        "true",
-        "--data.seq_length",
-        str(DEMO["seq_length"]),
-        "--data.demo_vocab_size",
-        str(DEMO["demo_vocab_size"]),
-        "--data.demo_bytes",
-        str(DEMO["demo_bytes"]),
-        "--model.num_layers",
-        "2",
-        "--model.hidden_size",
-        "64",
-        "--model.ffn_hidden_size",
-        "192",
-        "--model.num_attention_heads",
-        "4",
-        "--model.num_query_groups",
-        "2",
-        "--model.block_size",
-        "16",
-        "--model.block_count",
-        "2",
-        "--train.precision",
-        "fp32",
-        "--train.device",
-        "cpu",
-        "--parallel.distributed_optimizer",
-        "false",
-        "--train.micro_batch_size",
-        "2",
-        "--train.global_batch_size",
-        "4",
-        "--train.seed",
-        "1234",
-        "--optim.lr",
-        "5e-3",
-        "--optim.min_lr",
-        "5e-4",
-        "--optim.warmup_iters",
-        "2",
-        "--eval.iters",
-        "1",
-        "--eval.interval",
-        "0",
-        "--logging.interval",
-        "1",
-        "--logging.progress",
-        "lines",
-        "--checkpoint.load",
-        "none",
-        # Runs from examples/tiny_cpu.yaml must not write into the repository's runs/ directory.
-        "--checkpoint.dir",
-        "null",
-        "--logging.tensorboard_dir",
-        "null",
-    ]
+    args = flags(
+        {
+            "data.path": data_dir,
+            "data.build_demo": "true",
+            "data.seq_length": DEMO["seq_length"],
+            "data.demo_vocab_size": DEMO["demo_vocab_size"],
+            "data.demo_bytes": DEMO["demo_bytes"],
+            **TINY_MODEL,
+            **CPU_FP32,
+            "train.micro_batch_size": "2",
+            "train.global_batch_size": "4",
+            "train.seed": "1234",
+            "optim.lr": "5e-3",
+            "optim.min_lr": "5e-4",
+            "optim.warmup_iters": "2",
+            "eval.iters": "1",
+            "eval.interval": "0",
+            "logging.interval": "1",
+            "logging.progress": "lines",
+            "checkpoint.load": "none",
+            # Runs from examples/tiny_cpu.yaml must not write into the repository's runs/ directory.
+            "checkpoint.dir": "null",
+            "logging.tensorboard_dir": "null",
+        }
+    )
     return args + list(extra)
 
 
