@@ -9,6 +9,7 @@ live on the host or the device; the ops read it on the host, so a host tensor sp
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -42,6 +43,12 @@ def _triton_ops() -> ModuleType:
     return triton_ops
 
 
+def _dispatch(op: str, backend: str, tensors: tuple[torch.Tensor, ...], *args: Any, **kwargs: Any) -> Any:
+    """Call ``op`` of the Triton backend where ``backend`` picks it for ``tensors``, else of the reference."""
+    impl = _triton_ops() if use_triton(backend, *tensors) else naive
+    return getattr(impl, op)(*args, **kwargs)
+
+
 def block_keys(
     k: torch.Tensor, block_size: int, *, cu_seqlens: torch.Tensor | None = None, backend: str = "auto"
 ) -> torch.Tensor:
@@ -55,9 +62,7 @@ def block_keys(
     if k.dim() != 4:
         raise ValueError(f"k must be [batch, seq, heads, head_dim]; got {tuple(k.shape)}")
     doc_bounds(cu_seqlens, k.shape[0], k.shape[1])
-    if use_triton(backend, k):
-        return _triton_ops().block_keys(k, block_size, cu_seqlens=cu_seqlens)
-    return naive.block_keys(k, block_size, cu_seqlens=cu_seqlens)
+    return _dispatch("block_keys", backend, (k,), k, block_size, cu_seqlens=cu_seqlens)
 
 
 def select_blocks(
@@ -90,27 +95,10 @@ def select_blocks(
             f"kblock has {kblock.shape[1]} blocks but cu_seqlens {bounds} with block_size {block_size} "
             f"needs {expect}; build it with block_keys(k, block_size, cu_seqlens=cu_seqlens)"
         )
-    if use_triton(backend, q, kblock):
-        return _triton_ops().select_blocks(
-            q,
-            kblock,
-            block_size,
-            block_count,
-            q_offset=q_offset,
-            cu_seqlens=cu_seqlens,
-            scale=scale,
-            seq_len=seq_len,
-        )
-    return naive.select_blocks(
-        q,
-        kblock,
-        block_size,
-        block_count,
-        q_offset=q_offset,
-        cu_seqlens=cu_seqlens,
-        scale=scale,
-        seq_len=seq_len,
-    )
+    return _dispatch(
+        "select_blocks", backend, (q, kblock), q, kblock, block_size, block_count,
+        q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale, seq_len=seq_len,
+    )  # fmt: skip
 
 
 def selected_attention(
@@ -137,13 +125,10 @@ def selected_attention(
             f"got {tuple(block_idx.shape)}"
         )
     scale = resolve_scale(scale, q.shape[-1])
-    if use_triton(backend, q, k, v):
-        return _triton_ops().selected_attention(
-            q, k, v, block_idx, block_size, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale
-        )
-    return naive.selected_attention(
-        q, k, v, block_idx, block_size, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale
-    )
+    return _dispatch(
+        "selected_attention", backend, (q, k, v), q, k, v, block_idx, block_size,
+        q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale,
+    )  # fmt: skip
 
 
 def dense_attention(
@@ -167,9 +152,9 @@ def dense_attention(
     check_qkv(q, k, v, q_offset)
     doc_bounds(cu_seqlens, q.shape[0], k.shape[1])
     scale = resolve_scale(scale, q.shape[-1])
-    if use_triton(backend, q, k, v):
-        return _triton_ops().dense_attention(q, k, v, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale)
-    return naive.dense_attention(q, k, v, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale)
+    return _dispatch(
+        "dense_attention", backend, (q, k, v), q, k, v, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale
+    )
 
 
 def sparse_attention(
@@ -192,13 +177,10 @@ def sparse_attention(
     check_qkv(q, k, v, q_offset)
     doc_bounds(cu_seqlens, q.shape[0], k.shape[1])
     scale = resolve_scale(scale, q.shape[-1])
-    if use_triton(backend, q, k, v):
-        return _triton_ops().sparse_attention(
-            q, k, v, block_size, block_count, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale
-        )
-    return naive.sparse_attention(
-        q, k, v, block_size, block_count, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale
-    )
+    return _dispatch(
+        "sparse_attention", backend, (q, k, v), q, k, v, block_size, block_count,
+        q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale,
+    )  # fmt: skip
 
 
 def _check_decode_cache(
@@ -216,10 +198,29 @@ def _check_decode_cache(
             f"kblock {tuple(kblock.shape)} must be [{b}, >= {need}, {h}, {d}] for a cache of {t} tokens "
             f"in blocks of {block_size}"
         )
-    if seq_lens.shape != (b,) or seq_lens.dtype not in (torch.int32, torch.int64):
+    _check_seq_lens(seq_lens, b)
+
+
+def _check_seq_lens(seq_lens: torch.Tensor, batch: int) -> None:
+    if seq_lens.shape != (batch,) or seq_lens.dtype not in (torch.int32, torch.int64):
         raise ValueError(
-            f"seq_lens must be an int32/int64 tensor of shape ({b},); "
+            f"seq_lens must be an int32/int64 tensor of shape ({batch},); "
             f"got {seq_lens.dtype} {tuple(seq_lens.shape)}"
+        )
+
+
+def _check_decode_query(q: torch.Tensor) -> None:
+    if q.dim() != 3:
+        raise ValueError(
+            f"q must be [batch, query_heads, head_dim] (one query per sequence); got {tuple(q.shape)}"
+        )
+
+
+def _check_query_fits_cache(q: torch.Tensor, k: torch.Tensor) -> None:
+    """``q [B, HQ, D]`` for a cache ``k [B, T, H, D]`` (both already checked to have those ranks)."""
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[3] or q.shape[1] % k.shape[2]:
+        raise ValueError(
+            f"q {tuple(q.shape)} must be [B, G * H, D] for a cache {tuple(k.shape)} ([B, T, H, D])"
         )
 
 
@@ -264,17 +265,11 @@ def sparse_decode(
     path reads the complete blocks' keys and the selected blocks' keys and values, nothing else.
     """
     check_block_args(block_size, block_count)
-    if q.dim() != 3:
-        raise ValueError(
-            f"q must be [batch, query_heads, head_dim] (one query per sequence); got {tuple(q.shape)}"
-        )
+    _check_decode_query(q)
     _check_decode_cache(k, kblock, seq_lens, block_size)
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}; got {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[3] or q.shape[1] % k.shape[2]:
-        raise ValueError(
-            f"q {tuple(q.shape)} must be [B, G * H, D] for a cache {tuple(k.shape)} ([B, T, H, D])"
-        )
+    _check_query_fits_cache(q, k)
     scale = resolve_scale(scale, q.shape[-1])
     if use_triton(backend, q, k, v, kblock):
         from kernels.ssa import decode_kernel
@@ -299,23 +294,13 @@ def dense_decode(
     strided views allowed). Returns ``(o [B, HQ, D], lse [B, HQ] fp32)``. The Triton path splits each
     sequence's keys over programs (flash decoding), so a single sequence still fills the GPU.
     """
-    if q.dim() != 3:
-        raise ValueError(
-            f"q must be [batch, query_heads, head_dim] (one query per sequence); got {tuple(q.shape)}"
-        )
+    _check_decode_query(q)
     if k.dim() != 4 or v.shape != k.shape:
         raise ValueError(
             f"k and v must be [batch, seq, heads, head_dim] alike; got {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[3] or q.shape[1] % k.shape[2]:
-        raise ValueError(
-            f"q {tuple(q.shape)} must be [B, G * H, D] for a cache {tuple(k.shape)} ([B, T, H, D])"
-        )
-    if seq_lens.shape != (k.shape[0],) or seq_lens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"seq_lens must be an int32/int64 tensor of shape ({k.shape[0]},); "
-            f"got {seq_lens.dtype} {tuple(seq_lens.shape)}"
-        )
+    _check_query_fits_cache(q, k)
+    _check_seq_lens(seq_lens, k.shape[0])
     scale = resolve_scale(scale, q.shape[-1])
     if use_triton(backend, q, k, v):
         from kernels.ssa import decode_kernel
