@@ -121,23 +121,11 @@ def test_answer_retrieved_reads_the_argmax_one_position_earlier() -> None:
 
 def test_mds_split_gives_back_the_packed_document_stream(tmp_path) -> None:
     import numpy as np
-    from streaming import MDSWriter
 
-    from ssa_megatron.data import packing
     from ssa_megatron.evaluation.data import load_token_stream
+    from tests.run_helpers import write_packed_split
 
-    rng = np.random.default_rng(0)
-    docs = [rng.integers(4, 90, size=n) for n in (7, 30, 3, 19)]
-    with MDSWriter(out=str(tmp_path / "val"), columns=packing.mds_columns(97)) as writer:
-        for row in packing.pack_documents(docs, 8, 3, np.dtype(np.uint16)):
-            writer.write(
-                {
-                    packing.COL_TOKENS: row.tokens,
-                    packing.COL_DOC_STARTS: row.doc_starts,
-                    packing.COL_NUM_TOKENS: row.num_tokens,
-                    packing.COL_ROW_ID: row.row_id,
-                }
-            )
+    docs = write_packed_split(tmp_path / "val")
     stream = load_token_stream(tmp_path)  # a data root: its val/ split is read
     assert stream.tolist() == np.concatenate(docs).tolist()
     (tmp_path / "empty").mkdir()

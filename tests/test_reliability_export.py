@@ -22,6 +22,7 @@ from ssa_megatron.convert.export import save_hf_directory
 from ssa_megatron.convert.presets import tiny_config
 from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
 from tests.hf_export_helpers import MODEL_VOCAB, train_tokenizer
+from tests.run_helpers import write_packed_split
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 96
@@ -31,12 +32,10 @@ VOCAB = 96
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A Llama HF directory, its Megatron SSA checkpoint, an SSA export, a tokenizer that is not theirs,
     validation data (packed MDS rows of 8 tokens, JSONL documents)."""
-    from streaming import MDSWriter
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from ssa_megatron.convert.llama_import import ssa_from_llama
     from ssa_megatron.convert.megatron_bridge import write_megatron_checkpoint
-    from ssa_megatron.data import packing
 
     root = tmp_path_factory.mktemp("world")
     torch.manual_seed(0)
@@ -59,18 +58,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         include_kernels=False,
     )
     tok = train_tokenizer(root)
-    rng = np.random.default_rng(0)
-    docs = [rng.integers(4, 90, size=n) for n in (7, 30, 3, 19)]
-    with MDSWriter(out=str(root / "mds" / "val"), columns=packing.mds_columns(97)) as writer:
-        for row in packing.pack_documents(docs, 8, 3, np.dtype(np.uint16)):
-            writer.write(
-                {
-                    packing.COL_TOKENS: row.tokens,
-                    packing.COL_DOC_STARTS: row.doc_starts,
-                    packing.COL_NUM_TOKENS: row.num_tokens,
-                    packing.COL_ROW_ID: row.row_id,
-                }
-            )
+    write_packed_split(root / "mds" / "val")
     (root / "docs.jsonl").write_text('{"text": "a first document"}\n{"body": "no text field"}\n')
     (root / "full").mkdir()
     (root / "full" / "keep.txt").write_text("not to be lost")
