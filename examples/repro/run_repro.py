@@ -120,18 +120,17 @@ def latest_iteration(ckpt_dir: Path) -> int | None:
     return int(json.loads(complete.read_text())["iteration"])
 
 
+def _command(script: str, options: dict[str, object], *extra: str) -> list[str]:
+    """``python ROOT/script --option value ... extra``: the command line of one stage's tool."""
+    return [sys.executable, str(ROOT / script), *(x for o, v in options.items() for x in (o, str(v))), *extra]
+
+
 def build_data(args: argparse.Namespace, data_dir: Path, seq_len: int) -> None:
-    cmd = [
-        sys.executable,
-        str(ROOT / "tools" / "build_corpus.py"),
-        "--output",
-        str(data_dir),
-        "--seq-len",
-        str(seq_len),
-        "--vocab-size",
-        str(SCALES[args.scale]["vocab_size"]),
+    cmd = _command(
+        "tools/build_corpus.py",
+        {"--output": data_dir, "--seq-len": seq_len, "--vocab-size": SCALES[args.scale]["vocab_size"]},
         *args.corpus_args.split(),
-    ]
+    )
     _say("data: " + " ".join(cmd[1:]))
     subprocess.run(cmd, check=True, cwd=ROOT)
 
@@ -165,25 +164,19 @@ def train(args: argparse.Namespace, runs: list[dict], overrides: list[str], star
     while pending or active:
         while pending and len(active) < limit and not stopping:
             r = pending.pop(0)
-            cmd = [
-                sys.executable,
-                str(ROOT / "pretrain_ssa.py"),
-                "--config",
-                str(args.config),
-                "--model.attention_mode",
-                r["mode"],
-                "--train.seed",
-                str(r["seed"]),
-                "--checkpoint.dir",
-                str(r["ckpt"]),
-                "--data.path",
-                str(r["data"]),
-                "--data.tokenizer",
-                str(r["tokenizer"]),
-                "--logging.tensorboard_dir",
-                str(r["ckpt"] / "tb"),
+            cmd = _command(
+                "pretrain_ssa.py",
+                {
+                    "--config": args.config,
+                    "--model.attention_mode": r["mode"],
+                    "--train.seed": r["seed"],
+                    "--checkpoint.dir": r["ckpt"],
+                    "--data.path": r["data"],
+                    "--data.tokenizer": r["tokenizer"],
+                    "--logging.tensorboard_dir": r["ckpt"] / "tb",
+                },
                 *overrides,
-            ]
+            )
             r["log"].parent.mkdir(parents=True, exist_ok=True)
             log = r["log"].open("a")
             _say(f"train {r['name']}: start (log {r['log']})")
@@ -217,28 +210,21 @@ def evaluate(args: argparse.Namespace, runs: list[dict], eval_root: Path) -> lis
             _say(f"eval {r['name']}: no checkpoint, skipped")
             continue
         out = eval_root / r["name"].replace("/", "_")
-        cmd = [
-            sys.executable,
-            str(ROOT / "tools" / "evaluate.py"),
-            "--checkpoint",
-            str(r["ckpt"]),
-            "--data",
-            str(r["data"]),
-            "--tokenizer",
-            str(r["tokenizer"]),
-            "--out",
-            str(out),
-            "--run-name",
-            r["name"],
-            "--block-counts",
-            scale["block_counts"],
-            "--passkey-lengths",
-            scale["passkey_lengths"],
-            "--extrapolation-factors",
-            "1,2",
+        cmd = _command(
+            "tools/evaluate.py",
+            {
+                "--checkpoint": r["ckpt"],
+                "--data": r["data"],
+                "--tokenizer": r["tokenizer"],
+                "--out": out,
+                "--run-name": r["name"],
+                "--block-counts": scale["block_counts"],
+                "--passkey-lengths": scale["passkey_lengths"],
+                "--extrapolation-factors": "1,2",
+            },
             "--no-progress",
             *args.eval_args.split(),
-        ]
+        )
         if args.device:
             cmd += ["--device", args.device]
         jobs.append((r, out, cmd))
