@@ -14,7 +14,6 @@ test with that worker's traceback.
 
 from __future__ import annotations
 
-import os
 import socket
 import traceback
 from collections.abc import Callable
@@ -24,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ssa_megatron.parallel.state import set_local_rank_env
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -32,14 +33,7 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-    )
+    set_local_rank_env(rank, world_size, port)
     # Several workers share 2 cores; more intra-op threads only adds contention.
     torch.set_num_threads(1)
     try:

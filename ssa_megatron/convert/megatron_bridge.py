@@ -189,17 +189,15 @@ def megatron_state_from_hf(model: SSAForCausalLM) -> dict[str, torch.Tensor]:
 
 
 def _save_worker(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
-    import os
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
+    from ssa_megatron.parallel.state import (
+        destroy_parallel,
+        initialize_parallel,
+        load_full_state_dict,
+        set_local_rank_env,
     )
+
+    set_local_rank_env(rank, world, port)
     torch.set_num_threads(1)
-    from ssa_megatron.parallel.state import destroy_parallel, initialize_parallel, load_full_state_dict
     from ssa_megatron.training.checkpoint import save_checkpoint
     from ssa_megatron.training.cpu_training import enable_cpu_training
 

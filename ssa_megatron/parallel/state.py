@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import torch
@@ -17,6 +18,19 @@ def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
     if dist.is_initialized() and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def set_local_rank_env(rank: int, world_size: int, port: int) -> None:
+    """Set the variables torchrun would give rank ``rank`` of ``world_size`` processes on this host that
+    meet at 127.0.0.1:``port``, for process groups that a program spawns itself (conversion, CPU tests)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
 
 
 def initialize_parallel(
