@@ -12,7 +12,7 @@ import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 # Fixed ids for the models we train, so every config and checkpoint agrees on them.
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -173,6 +173,16 @@ def load_tokenizer(
     return SentencePieceTokenizer(p)
 
 
+# The sentencepiece trainer options no caller chooses: the special pieces at their fixed ids, digits
+# split, whitespace and text kept as written (identity normalisation) so decoding restores the input.
+_TRAINER_FIXED: dict[str, Any] = dict(
+    shuffle_input_sentence=True, split_digits=True, allow_whitespace_only_pieces=True,
+    remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
+    unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+    unk_piece=UNK_PIECE, bos_piece=BOS_PIECE, eos_piece=EOS_PIECE, pad_piece=PAD_PIECE,
+)
+
+
 def train_sentencepiece(
     documents: Iterable[str],
     model_prefix: str | os.PathLike,
@@ -226,22 +236,9 @@ def train_sentencepiece(
         character_coverage=character_coverage,
         max_sentence_length=max_sentence_length,
         input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True,
         num_threads=num_threads,
         hard_vocab_limit=hard_vocab_limit,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        pad_id=PAD_ID,
-        unk_piece=UNK_PIECE,
-        bos_piece=BOS_PIECE,
-        eos_piece=EOS_PIECE,
-        pad_piece=PAD_PIECE,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        minloglevel=2,
+        **_TRAINER_FIXED,
     )
     model_path = prefix.with_name(prefix.name + ".model")
     tmp = model_path.with_name(model_path.name + ".tmp")
