@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.run_helpers import flags
 from tests.test_data_common import build_tokenizer, random_documents, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +85,15 @@ def s3_client(endpoint: str):
         aws_secret_access_key="s3cr3t-v4lue",
         region_name="us-east-1",
     )
+
+
+def download_set(endpoint: str, local: Path) -> None:
+    """Copy every object below s3://BUCKET/set/ into `local`, keeping the layout below the prefix."""
+    client = s3_client(endpoint)
+    for obj in client.list_objects_v2(Bucket=BUCKET, Prefix="set/")["Contents"]:
+        target = local / obj["Key"][len("set/") :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(client.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read())
 
 
 @contextlib.contextmanager
@@ -160,50 +170,32 @@ def tiny_train_args(data: list[str], tok: Path, run_dir: Path, iters: int = 4, *
         "--config",
         "examples/tiny_cpu.yaml",
         *data,
-        "--data.build_demo",
-        "false",
-        "--data.tokenizer",
-        str(tok),
-        "--data.seq_length",
-        str(SEQ),
-        "--model.num_layers",
-        "2",
-        "--model.hidden_size",
-        "32",
-        "--model.ffn_hidden_size",
-        "64",
-        "--model.num_attention_heads",
-        "2",
-        "--model.num_query_groups",
-        "1",
-        "--model.block_size",
-        "8",
-        "--model.block_count",
-        "2",
-        "--train.micro_batch_size",
-        "2",
-        "--train.global_batch_size",
-        "4",
-        "--train.train_iters",
-        str(iters),
-        "--optim.warmup_iters",
-        "1",
-        "--eval.interval",
-        "0",
-        "--eval.iters",
-        "1",
-        "--eval.sparsity",
-        "false",
-        "--logging.interval",
-        "1",
-        "--logging.progress",
-        "lines",
-        "--logging.tensorboard_dir",
-        "null",
-        "--checkpoint.dir",
-        str(run_dir / "ckpt"),
-        "--checkpoint.load",
-        "none",
+        *flags(
+            {
+                "data.build_demo": "false",
+                "data.tokenizer": tok,
+                "data.seq_length": SEQ,
+                "model.num_layers": "2",
+                "model.hidden_size": "32",
+                "model.ffn_hidden_size": "64",
+                "model.num_attention_heads": "2",
+                "model.num_query_groups": "1",
+                "model.block_size": "8",
+                "model.block_count": "2",
+                "train.micro_batch_size": "2",
+                "train.global_batch_size": "4",
+                "train.train_iters": iters,
+                "optim.warmup_iters": "1",
+                "eval.interval": "0",
+                "eval.iters": "1",
+                "eval.sparsity": "false",
+                "logging.interval": "1",
+                "logging.progress": "lines",
+                "logging.tensorboard_dir": "null",
+                "checkpoint.dir": run_dir / "ckpt",
+                "checkpoint.load": "none",
+            }
+        ),
         *extra,
     ]
 
@@ -281,11 +273,7 @@ def test_preflight_reads_s3_once_and_the_loader_matches_a_local_copy(
     from ssa_megatron.data.preflight import preflight
 
     local = tmp_path / "copy"
-    client = s3_client(s3_endpoint)
-    for obj in client.list_objects_v2(Bucket=BUCKET, Prefix="set/")["Contents"]:
-        target = local / obj["Key"][len("set/") :]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(client.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read())
+    download_set(s3_endpoint, local)
     with environ(s3_env(s3_endpoint)):
         cfg = preflight(
             Section(path=s3_dataset, cache_dir=str(tmp_path / "cache")), seq_len=SEQ, seed=3, run_dir=None
@@ -474,11 +462,7 @@ def test_training_from_s3_matches_training_from_a_local_copy(
     cache = tmp_path / "s3run" / "ckpt" / "data_cache"
     assert any(p.name.startswith("shard.") for d in cache.iterdir() for p in d.iterdir())
     local = tmp_path / "copy"
-    client = s3_client(s3_endpoint)
-    for obj in client.list_objects_v2(Bucket=BUCKET, Prefix="set/")["Contents"]:
-        target = local / obj["Key"][len("set/") :]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(client.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read())
+    download_set(s3_endpoint, local)
     plain = run_tool(tiny_train_args(["--data.path", str(local)], tok, tmp_path / "localrun"), clean_env())
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert losses(remote.stdout) == losses(plain.stdout) and len(losses(plain.stdout)) == 4

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.run_helpers import CPU_FP32, flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _SUBJECTS = [
@@ -138,42 +140,25 @@ def _repro(out: Path, *extra: str) -> subprocess.CompletedProcess:
     )
 
 
-TOY = [
-    "--model.num_layers",
-    "2",
-    "--model.hidden_size",
-    "32",
-    "--model.ffn_hidden_size",
-    "64",
-    "--model.num_attention_heads",
-    "4",
-    "--model.num_query_groups",
-    "2",
-    "--model.kv_channels",
-    "16",
-    "--model.block_count",
-    "2",
-    "--data.seq_length",
-    "64",
-    "--train.train_iters",
-    "2",
-    "--train.micro_batch_size",
-    "2",
-    "--train.global_batch_size",
-    "2",
-    "--train.precision",
-    "fp32",
-    "--train.device",
-    "cpu",
-    "--parallel.distributed_optimizer",
-    "false",
-    "--optim.warmup_iters",
-    "1",
-    "--eval.iters",
-    "1",
-    "--data.num_workers",
-    "0",
-]
+TOY = flags(
+    {
+        "model.num_layers": "2",
+        "model.hidden_size": "32",
+        "model.ffn_hidden_size": "64",
+        "model.num_attention_heads": "4",
+        "model.num_query_groups": "2",
+        "model.kv_channels": "16",
+        "model.block_count": "2",
+        "data.seq_length": "64",
+        "train.train_iters": "2",
+        "train.micro_batch_size": "2",
+        "train.global_batch_size": "2",
+        **CPU_FP32,
+        "optim.warmup_iters": "1",
+        "eval.iters": "1",
+        "data.num_workers": "0",
+    }
+)
 
 
 @pytest.mark.slow
