@@ -332,6 +332,12 @@ def _streams(cfg: DataConfig, specs: list[StreamSpec]) -> list[Stream]:
     return streams
 
 
+# DataConfig fields that streaming's dataset takes unchanged and under the same name.
+_STREAMING_OPTIONS = (
+    "shuffle_algo", "shuffle_block_size", "num_canonical_nodes", "predownload", "cache_limit",
+)
+
+
 def build_dataset(
     cfg: DataConfig,
     specs: list[StreamSpec],
@@ -348,12 +354,8 @@ def build_dataset(
         batch_size=micro_batch_size,
         shuffle=shuffle,
         shuffle_seed=cfg.seed,
-        shuffle_algo=cfg.shuffle_algo,
-        shuffle_block_size=cfg.shuffle_block_size,
-        num_canonical_nodes=cfg.num_canonical_nodes,
-        predownload=cfg.predownload,
-        cache_limit=cfg.cache_limit,
         epoch_size=cfg.epoch_size if shuffle else None,
+        **{name: getattr(cfg, name) for name in _STREAMING_OPTIONS},
     )
 
 
