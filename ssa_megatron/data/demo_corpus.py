@@ -19,6 +19,7 @@ train/val MDS shards, caching everything under a directory keyed by its paramete
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
 _CODEY = re.compile(r"(>>>|\.\.\. |::|\{|\}|==|->|\w+\(.*\)|^\s*[-=~^*#]{3,}\s*$|https?://|`)", re.M)
@@ -183,29 +185,32 @@ class DemoDataset:
 _MANIFEST = "demo.json"
 
 
-def _params(seq_len: int, vocab_size: int, target_bytes: int, valid_fraction: float, seed: int,
-            model_type: str) -> dict:
-    return {
-        "version": CORPUS_VERSION, "seq_len": seq_len, "vocab_size": vocab_size, "target_bytes": target_bytes,
-        "valid_fraction": valid_fraction, "seed": seed, "model_type": model_type,
-    }
+@dataclass(frozen=True)
+class DemoParams:
+    """What a demo set is built from; ``demo.json`` records it, and a set is reused only when it matches."""
+
+    seq_len: int
+    vocab_size: int = 4096
+    # Corpus size in bytes of text.
+    target_bytes: int = 3_000_000
+    valid_fraction: float = 0.05
+    seed: int = 1234
+    # sentencepiece model type.
+    model_type: str = "bpe"
+
+    def manifest(self) -> dict:
+        return {"version": CORPUS_VERSION, **dataclasses.asdict(self)}
 
 
 def check_demo_dataset(
-    out_dir: str | os.PathLike,
-    seq_len: int,
-    vocab_size: int = 4096,
-    *,
-    target_bytes: int = 3_000_000,
-    valid_fraction: float = 0.05,
-    seed: int = 1234,
-    model_type: str = "bpe",
+    out_dir: str | os.PathLike, seq_len: int, vocab_size: int = 4096, **options: Any
 ) -> bool:
     """True when ``out_dir`` holds the demo set of these parameters, False when it is empty or absent
     (to be built); raises :class:`DemoDataExists` (one line, nothing touched) for anything else.
-    Reads only, so every rank can call it before one of them builds."""
+    ``options``: the other fields of :class:`DemoParams` by keyword (target_bytes, valid_fraction, seed,
+    model_type). Reads only, so every rank can call it before one of them builds."""
     root = Path(out_dir)
-    params = _params(seq_len, vocab_size, target_bytes, valid_fraction, seed, model_type)
+    params = DemoParams(seq_len, vocab_size, **options).manifest()
     manifest = root / _MANIFEST
     if manifest.is_file():
         try:
@@ -237,14 +242,14 @@ def prepare_demo_dataset(
     seq_len: int,
     vocab_size: int = 4096,
     *,
-    target_bytes: int = 3_000_000,
-    valid_fraction: float = 0.05,
-    seed: int = 1234,
-    model_type: str = "bpe",
     workers: int = 1,
     progress: bool = False,
+    **options: Any,
 ) -> DemoDataset:
     """Corpus -> sentencepiece tokenizer -> ``out_dir/train`` and ``out_dir/val`` MDS shards.
+
+    ``options``: the other fields of :class:`DemoParams` by keyword (target_bytes, valid_fraction, seed,
+    model_type).
 
     Writes into ``out_dir``: ``corpus.jsonl``, ``tokenizer.model``/``.vocab``, ``train/``,
     ``val/`` and ``demo.json`` (the parameters, written last). When ``demo.json`` already
@@ -258,20 +263,20 @@ def prepare_demo_dataset(
     from ssa_megatron.data.tokenizer import train_sentencepiece
 
     root = Path(out_dir)
-    params = _params(seq_len, vocab_size, target_bytes, valid_fraction, seed, model_type)
+    demo = DemoParams(seq_len, vocab_size, **options)
+    params = demo.manifest()
     result = DemoDataset(root, root / TRAIN_SPLIT, root / VALID_SPLIT, root / "tokenizer.model", built=False)
-    if check_demo_dataset(root, seq_len, vocab_size, target_bytes=target_bytes,
-                          valid_fraction=valid_fraction, seed=seed, model_type=model_type):
+    if check_demo_dataset(root, **dataclasses.asdict(demo)):
         return result
     root.mkdir(parents=True, exist_ok=True)
     manifest = root / _MANIFEST
     corpus = root / "corpus.jsonl"
-    corpus_stats = build_demo_corpus(corpus, target_bytes=target_bytes)
+    corpus_stats = build_demo_corpus(corpus, target_bytes=demo.target_bytes)
     docs = iter_documents([str(corpus)], stats=ReadStats())
-    train_sentencepiece(docs, root / "tokenizer", vocab_size=vocab_size, model_type=model_type, seed=seed,
-                        num_threads=max(1, workers))
+    train_sentencepiece(docs, root / "tokenizer", vocab_size=vocab_size, model_type=demo.model_type,
+                        seed=demo.seed, num_threads=max(1, workers))
     summary = prepare_dataset(
-        [str(corpus)], root, result.tokenizer, seq_len, valid_fraction=valid_fraction, seed=seed,
+        [str(corpus)], root, result.tokenizer, seq_len, valid_fraction=demo.valid_fraction, seed=demo.seed,
         workers=workers, overwrite=True, progress=progress,
     )
     manifest.write_text(json.dumps({
