@@ -64,12 +64,23 @@ def _model(**fields: object) -> torch.nn.Module:
     return build_model(tiny_config(**fields), VOCAB, 64)
 
 
-def test_override_mode_equals_a_config_in_that_mode(single_rank: None) -> None:  # noqa: F811
-    tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
+def _twins(
+    seed: int, field: str, mode: str, reference_mode: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module, torch.nn.Module]:
+    """Seeded tokens and positions, a model with `field` = `mode`, and a reference in `reference_mode`
+    holding the same weights."""
+    tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(seed))
     positions = torch.arange(64).expand(2, 64)
-    model = _model(inference_mode="sparse").eval()
-    reference = _model(inference_mode="full").eval()
+    model = _model(**{field: mode})
+    reference = _model(**{field: reference_mode})
     reference.load_state_dict(model.state_dict())
+    return tokens, positions, model, reference
+
+
+def test_override_mode_equals_a_config_in_that_mode(single_rank: None) -> None:  # noqa: F811
+    tokens, positions, model, reference = _twins(1, "inference_mode", "sparse", "full")
+    model.eval()
+    reference.eval()
     with torch.no_grad():
         sparse = model(tokens, positions, None)
         # A list of chunks, as the engines hold them.
@@ -84,11 +95,9 @@ def test_override_mode_equals_a_config_in_that_mode(single_rank: None) -> None: 
 
 
 def test_training_override_pins_the_driving_branch(single_rank: None) -> None:  # noqa: F811
-    tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(2))
-    positions = torch.arange(64).expand(2, 64)
-    model = _model(attention_mode="sparse").train()
-    reference = _model(attention_mode="full").train()
-    reference.load_state_dict(model.state_dict())
+    tokens, positions, model, reference = _twins(2, "attention_mode", "sparse", "full")
+    model.train()
+    reference.train()
     ssa_mode.set_microbatch(0, 0)
     try:
         with torch.no_grad():
