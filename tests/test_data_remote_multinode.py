@@ -18,7 +18,7 @@ from tests.test_data_remote import (  # noqa: F401 (fixtures)
     s3_env,
     tiny_train_args,
 )
-from tests.test_training_launchers import _node_tmp
+from tests.test_training_launchers import _node_tmp, wait_agents
 
 BIN = Path(sys.executable).parent
 
@@ -45,17 +45,7 @@ def _torchrun_job(tmp_path: Path, name: str, s3_endpoint: str, data: str, tok: P
                *args]
         log = open(tmp_path / f"{name}-node{node}.log", "w")  # noqa: SIM115 (closed below)
         agents.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    logs = []
-    for node, (proc, log) in enumerate(agents):
-        try:
-            proc.wait(timeout=900)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
-        logs.append((tmp_path / f"{name}-node{node}.log").read_text())
-        assert proc.returncode == 0, logs[-1][-4000:]
-    return logs
+    return wait_agents(agents, timeout=900)
 
 
 def _ce_curve(tb_dir: Path) -> dict[int, float]:

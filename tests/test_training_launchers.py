@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -72,6 +73,22 @@ def test_deepspeed_launcher_trains_with_zero1(demo_dir: str, tmp_path: Path) -> 
     assert any("optim_states" in p.name for p in (it / "optim").rglob("*")), sorted((it / "optim").rglob("*"))
 
 
+def wait_agents(agents: list[tuple[subprocess.Popen, IO[str]]], timeout: float) -> list[str]:
+    """Wait for each launched agent (killing one still running after `timeout`) and close its log file;
+    returns the logs' text, in order, after asserting that every agent exited 0."""
+    logs = []
+    for proc, log in agents:
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+        logs.append(Path(log.name).read_text())
+        assert proc.returncode == 0, logs[-1][-4000:]
+    return logs
+
+
 def _node_tmp(tmp_path: Path, node: int) -> Path:
     from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
     from streaming.base.shared.prefix import _get_path
@@ -114,17 +131,7 @@ def test_two_torchrun_agents_with_c10d_rendezvous(demo_dir: str, tmp_path: Path)
         ]
         out = open(tmp_path / f"node{node}.log", "w")  # noqa: SIM115 (closed below)
         agents.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT), out))
-    logs = []
-    for node, (proc, out) in enumerate(agents):
-        try:
-            proc.wait(timeout=600)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            out.close()
-        logs.append((tmp_path / f"node{node}.log").read_text())
-        assert proc.returncode == 0, logs[-1][-4000:]
-    both = "\n".join(logs)
+    both = "\n".join(wait_agents(agents, timeout=600))
     # Global rank 0 (on whichever agent got node rank 0) logs; data parallel over the two "nodes".
     ce = _ce_values(both)
     assert len(ce) == 4 and ce[-1] < ce[0], both[-3000:]
