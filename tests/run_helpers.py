@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -34,6 +36,27 @@ CPU_FP32: dict[str, str] = {
 def flags(pairs: Mapping[str, object]) -> list[str]:
     """``{"model.num_layers": 2}`` as ``["--model.num_layers", "2"]``, in the mapping's order."""
     return [x for key, value in pairs.items() for x in ("--" + key, str(value))]
+
+
+# A prefill kernel_profile's top kernels as an H100 run names them: cuDNN dense attention, the three
+# selection kernels, the sparse attention kernel, a GEMM and an elementwise op (those two non-attention).
+PREFILL_KERNELS: list[dict[str, object]] = [
+    {"name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", "ms": 10.0},
+    {"name": "_select_lse_kernel", "ms": 1.0},
+    {"name": "_select_topk_kernel", "ms": 2.0},
+    {"name": "_block_keys_kernel", "ms": 0.25},
+    {"name": "_fwd_kernel", "ms": 1.5},
+    {"name": "nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN", "ms": 40.0},
+    {"name": "void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>", "ms": 5.0},
+]
+
+
+def load_tool(name: str) -> ModuleType:
+    """tools/<name>.py as a module (its main() does not run)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_tool(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

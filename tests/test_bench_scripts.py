@@ -7,9 +7,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from tests.run_helpers import PREFILL_KERNELS, load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(ROOT / "examples" / "tiny_cpu.yaml"), "--model.num_layers", "2", "--reps", "1",
@@ -63,33 +64,16 @@ def test_bench_inference_times_both_modes(tmp_path: Path) -> None:
         assert row["speedup_ceiling_free_attention"] >= 1.0
 
 
-def _tool(name: str) -> Any:
-    """A script of tools/ as a module (its main() does not run)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_prefill_attention_share_counts_only_attention_kernels() -> None:
-    bench = _tool("bench_inference")
-    profile = {"top_kernels": [
-        {"name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", "ms": 10.0},
-        {"name": "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>", "ms": 2.0},
-        {"name": "_select_lse_kernel", "ms": 1.0},
-        {"name": "_select_topk_kernel", "ms": 2.0},
-        {"name": "_block_keys_kernel", "ms": 0.25},
-        {"name": "_fwd_kernel", "ms": 1.0},
-        {"name": "nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN", "ms": 40.0},
-        {"name": "void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>", "ms": 5.0},
-    ]}  # fmt: skip
-    assert bench.attention_ms(profile) == pytest.approx(16.25)
+    bench = load_tool("bench_inference")
+    flash = {"name": "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>", "ms": 2.0}
+    profile = {"top_kernels": [*PREFILL_KERNELS, flash]}
+    # All but the GEMM (40) and the elementwise op (5): 10 + 1 + 2 + 0.25 + 1.5 + 2.
+    assert bench.attention_ms(profile) == pytest.approx(16.75)
 
 
 def test_kernel_verdicts_name_the_limiting_term() -> None:
-    bench = _tool("bench_kernels")
+    bench = load_tool("bench_kernels")
     row = {"T": 65536, "sparse_over_dense_fwdbwd": 14.0 / 142.0, "sparse_fwdbwd_ms": 14.0,
            "selection_ms": 9.0, "sdpa_fwdbwd_ms": 142.0, "sel_attn_fwd_tflops": 118.0,
            "sel_attn_fwd_tflops_gather_ceiling": 158.0}  # fmt: skip
@@ -106,7 +90,7 @@ def test_kernel_verdicts_name_the_limiting_term() -> None:
 def test_sweep_compares_indices_by_rows_and_floats_by_their_finite_entries() -> None:
     import torch
 
-    sweep = _tool("sweep_selected_attention")
+    sweep = load_tool("sweep_selected_attention")
     idx = torch.arange(24, dtype=torch.int32).view(2, 3, 4)
     moved = idx.clone()
     moved[1, 2, 0] = -1
@@ -121,13 +105,13 @@ def test_sweep_compares_indices_by_rows_and_floats_by_their_finite_entries() -> 
 
 
 def sweep_launches(kernel: str, grids: list[str]) -> list[dict]:
-    return _tool("sweep_selected_attention").launches(kernel, grids, quick=True)
+    return load_tool("sweep_selected_attention").launches(kernel, grids, quick=True)
 
 
 def test_sweep_launches_concatenate_the_named_grids() -> None:
     import dataclasses
 
-    sweep = _tool("sweep_selected_attention")
+    sweep = load_tool("sweep_selected_attention")
     shape = sweep.launches("dq", ["shape"], quick=False)
     registers = sweep.launches("dq", ["registers"], quick=False)
     assert len(shape) == 27 and registers == [{"dq_maxnreg": None}, {"dq_maxnreg": 128}, {"dq_maxnreg": 112}]

@@ -3,25 +3,17 @@ decode byte accounting it reports."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from kernels.ssa.decode_kernel import decode_read_bytes
+from tests.run_helpers import PREFILL_KERNELS, load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "tools" / "bench_inference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -52,16 +44,8 @@ def test_decode_argument_errors_are_one_line_usage_errors(tmp_path: Path) -> Non
 
 
 def test_prefill_phases_split_kernels_by_name() -> None:
-    profile = {"top_kernels": [
-        {"name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", "ms": 10.0},
-        {"name": "_select_lse_kernel", "ms": 1.0},
-        {"name": "_select_topk_kernel", "ms": 2.0},
-        {"name": "_block_keys_kernel", "ms": 0.25},
-        {"name": "_fwd_kernel", "ms": 1.5},
-        {"name": "nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN", "ms": 40.0},
-        {"name": "void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>", "ms": 5.0},
-    ]}  # fmt: skip
-    phases = _bench().phase_ms(profile)
+    profile = {"top_kernels": PREFILL_KERNELS}
+    phases = load_tool("bench_inference").phase_ms(profile)
     assert phases == pytest.approx(
         {"selection": 3.25, "sparse_attention": 1.5, "dense_attention": 10.0, "non_attention": 45.0}
     )
