@@ -32,6 +32,16 @@ CPU_FP32: dict[str, str] = {
     "parallel.distributed_optimizer": "false",
 }
 
+# The schedule of the tiny loss-curve runs: batches of 2 x 2, a fixed seed, a short warm-up.
+TINY_SCHEDULE: dict[str, str] = {
+    "train.micro_batch_size": "2",
+    "train.global_batch_size": "4",
+    "train.seed": "1234",
+    "optim.lr": "5e-3",
+    "optim.min_lr": "5e-4",
+    "optim.warmup_iters": "2",
+}
+
 
 def flags(pairs: Mapping[str, object]) -> list[str]:
     """``{"model.num_layers": 2}`` as ``["--model.num_layers", "2"]``, in the mapping's order."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_distributed
-from tests.run_helpers import CPU_FP32, TINY_MODEL, flags
+from tests.run_helpers import CPU_FP32, TINY_MODEL, TINY_SCHEDULE, flags
 
 ITERS = 8
 
@@ -83,13 +83,8 @@ def overrides(data_dir: str) -> list[str]:
         **TINY_MODEL,
         "model.attention_mode": "ssa",
         **CPU_FP32,
-        "train.micro_batch_size": "2",
-        "train.global_batch_size": "4",
+        **TINY_SCHEDULE,
         "train.train_iters": str(ITERS),
-        "train.seed": "1234",
-        "optim.lr": "5e-3",
-        "optim.min_lr": "5e-4",
-        "optim.warmup_iters": "2",
         "eval.at_end": "false",
         "eval.interval": "0",
         "logging.interval": "1",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_distributed
-from tests.run_helpers import CPU_FP32, TINY_MODEL, flags
+from tests.run_helpers import CPU_FP32, TINY_MODEL, TINY_SCHEDULE, flags
 
 DEMO = {"seq_length": 64, "demo_vocab_size": 1024, "demo_bytes": 600_000}
 
@@ -44,12 +44,7 @@ def tiny_overrides(data_dir: str, *extra: str) -> list[str]:
             "data.demo_bytes": DEMO["demo_bytes"],
             **TINY_MODEL,
             **CPU_FP32,
-            "train.micro_batch_size": "2",
-            "train.global_batch_size": "4",
-            "train.seed": "1234",
-            "optim.lr": "5e-3",
-            "optim.min_lr": "5e-4",
-            "optim.warmup_iters": "2",
+            **TINY_SCHEDULE,
             "eval.iters": "1",
             "eval.interval": "0",
             "logging.interval": "1",
