@@ -661,14 +661,12 @@ def transformer_config_of(cfg: TrainConfig, device: Any, recompute: str | None =
     ``recompute`` replaces ``train.recompute`` (inference builds without recomputation)."""
     from ssa_megatron.model.config import transformer_config
 
-    p, t = cfg.parallel, cfg.train
+    t = cfg.train
+    # The parallel section's layout fields are transformer_config's layout arguments, name for name.
+    layout = ("tensor", "pipeline", "virtual_pipeline", "context", "sequence_parallel")
     return transformer_config(
         cfg.model,
-        tensor=p.tensor,
-        pipeline=p.pipeline,
-        virtual_pipeline=p.virtual_pipeline,
-        context=p.context,
-        sequence_parallel=p.sequence_parallel,
+        **{name: getattr(cfg.parallel, name) for name in layout},
         precision=t.precision,
         recompute=t.recompute if recompute is None else recompute,
         cpu_initialization=device.type == "cpu",
