@@ -6,6 +6,7 @@ they were. The store is a real S3-compatible server (moto) on 127.0.0.1."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,13 +57,22 @@ def corrupt_sets(s3_endpoint: str, s3_dataset: str) -> dict[str, str]:
     return out
 
 
-CASES = {
+Case = Callable[[dict[str, str], str, Path], tuple[list[str], dict[str, str]]]
+
+
+def _reading(path: str) -> Case:
+    """A case that sets only data.path (``{name}`` stands for the fixture's data set `name`), with the
+    store's endpoint and credentials in the environment."""
+    return lambda ds, ep, tmp: (["--data.path", path.format(**ds)], s3_env(ep))
+
+
+CASES: dict[str, tuple[Case, str]] = {
     "unreachable-endpoint": (
         lambda ds, ep, tmp: (["--data.path", ds["good"]], s3_env(f"http://127.0.0.1:{free_port()}")),
         "cannot reach the S3 endpoint http://127.0.0.1:",
     ),
     "wrong-bucket": (
-        lambda ds, ep, tmp: (["--data.path", "s3://no-such-bucket/set"], s3_env(ep)),
+        _reading("s3://no-such-bucket/set"),
         "bucket 'no-such-bucket' does not exist",
     ),
     "no-credentials": (
@@ -77,11 +87,11 @@ CASES = {
         "no S3 credentials for s3://",
     ),
     "corrupted-first-shard": (
-        lambda ds, ep, tmp: (["--data.path", ds["first"]], s3_env(ep)),
+        _reading("{first}"),
         "shard.00000.mds.zstd fails its xxh64 hash (corrupted)",
     ),
     "corrupted-shard-mid-run": (
-        lambda ds, ep, tmp: (["--data.path", ds["later"]], s3_env(ep)),
+        _reading("{later}"),
         "data error: shard s3://ssa-train-data/later/train/shard.",
     ),
     "cache-not-writable": (
@@ -92,11 +102,11 @@ CASES = {
         "is not writable",
     ),
     "credentials-in-uri": (
-        lambda ds, ep, tmp: (["--data.path", "https://user:secret@example.com/set"], s3_env(ep)),
+        _reading("https://user:secret@example.com/set"),
         "data.path carries credentials in the URI",
     ),
     "unknown-scheme": (
-        lambda ds, ep, tmp: (["--data.path", "ftp://host/set"], s3_env(ep)),
+        _reading("ftp://host/set"),
         "scheme ftp:// is not readable",
     ),
     "mixed-weights": (
