@@ -42,6 +42,17 @@ TINY_SCHEDULE: dict[str, str] = {
     "optim.warmup_iters": "2",
 }
 
+# A run that logs every iteration as a line, has no periodic evaluation, starts fresh and writes nothing
+# (runs from examples/tiny_cpu.yaml must not write into the repository's runs/ directory).
+NO_OUTPUT_RUN: dict[str, str] = {
+    "eval.interval": "0",
+    "logging.interval": "1",
+    "logging.progress": "lines",
+    "checkpoint.load": "none",
+    "checkpoint.dir": "null",
+    "logging.tensorboard_dir": "null",
+}
+
 
 def flags(pairs: Mapping[str, object]) -> list[str]:
     """``{"model.num_layers": 2}`` as ``["--model.num_layers", "2"]``, in the mapping's order."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_distributed
-from tests.run_helpers import CPU_FP32, TINY_MODEL, TINY_SCHEDULE, flags
+from tests.run_helpers import CPU_FP32, NO_OUTPUT_RUN, TINY_MODEL, TINY_SCHEDULE, flags
 
 ITERS = 8
 
@@ -86,12 +86,7 @@ def overrides(data_dir: str) -> list[str]:
         **TINY_SCHEDULE,
         "train.train_iters": str(ITERS),
         "eval.at_end": "false",
-        "eval.interval": "0",
-        "logging.interval": "1",
-        "logging.progress": "lines",
-        "checkpoint.load": "none",
-        "checkpoint.dir": "null",
-        "logging.tensorboard_dir": "null",
+        **NO_OUTPUT_RUN,
     }
     return flags(pairs)
 

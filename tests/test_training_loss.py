@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_distributed
-from tests.run_helpers import CPU_FP32, TINY_MODEL, TINY_SCHEDULE, flags
+from tests.run_helpers import CPU_FP32, NO_OUTPUT_RUN, TINY_MODEL, TINY_SCHEDULE, flags
 
 DEMO = {"seq_length": 64, "demo_vocab_size": 1024, "demo_bytes": 600_000}
 
@@ -46,13 +46,7 @@ def tiny_overrides(data_dir: str, *extra: str) -> list[str]:
             **CPU_FP32,
             **TINY_SCHEDULE,
             "eval.iters": "1",
-            "eval.interval": "0",
-            "logging.interval": "1",
-            "logging.progress": "lines",
-            "checkpoint.load": "none",
-            # Runs from examples/tiny_cpu.yaml must not write into the repository's runs/ directory.
-            "checkpoint.dir": "null",
-            "logging.tensorboard_dir": "null",
+            **NO_OUTPUT_RUN,
         }
     )
     return args + list(extra)
