@@ -49,6 +49,11 @@ def test_prefill_phases_split_kernels_by_name() -> None:
     assert phases == pytest.approx(
         {"selection": 3.25, "sparse_attention": 1.5, "dense_attention": 10.0, "non_attention": 45.0}
     )
+    # flash's forward carries "_fwd_kernel" in its name too: it is dense attention, not the SSA forward.
+    flash = {"name": "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "ms": 2.0}
+    phases = load_tool("bench_inference").phase_ms({"top_kernels": [*PREFILL_KERNELS, flash]})
+    assert phases["dense_attention"] == pytest.approx(12.0)
+    assert phases["sparse_attention"] == pytest.approx(1.5)
 
 
 def test_decode_bytes_of_the_1b_layout() -> None:

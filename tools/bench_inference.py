@@ -37,11 +37,12 @@ SPEEDUP_TARGETS = {32768: 3.0, 65536: 5.0, 131072: 8.0}
 # Kernel names of attention in either mode: cuDNN/flash SDPA, and the SSA kernels (kernels/ssa).
 ATTENTION_KERNEL_MARKS = ("sdpa", "fmha", "flash", "attention", "_select_lse_kernel", "_select_topk_kernel",
                           "_block_keys_kernel", "_fwd_kernel")  # fmt: skip
-# Prefill phases by kernel name (first match wins); everything else is non-attention work.
+# Prefill phases by kernel name (first match wins, so dense attention comes before the SSA forward:
+# flash's own forward is named flash_fwd_kernel); everything else is non-attention work.
 PHASE_MARKS = (
     ("selection", ("_select_lse_kernel", "_select_topk_kernel", "_block_keys_kernel")),
-    ("sparse_attention", ("_fwd_kernel",)),
     ("dense_attention", ("sdpa", "fmha", "flash", "attention")),
+    ("sparse_attention", ("_fwd_kernel",)),
 )
 # Prefill targets at 64k/128k: sparse speed-up as a share of the free-attention cap, non-attention time
 # against its FLOPs at the measured matmul peak, and the selection's share of sparse prefill at 128k.
