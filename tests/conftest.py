@@ -1,6 +1,7 @@
 """Test-wide setup: GPU tests skip without CUDA; Triton kernels run in the interpreter on CPU."""
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,3 +18,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# Variables a launcher sets: code under test writes them in-process (the data loaders tell
+# mosaicml-streaming who this process is through RANK/WORLD_SIZE/LOCAL_*), and a later test's
+# subprocess must not inherit them, or a lone pretrain_ssa.py believes torchrun started it.
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _restore_launch_environment() -> Iterator[None]:
+    before = {name: os.environ.get(name) for name in _LAUNCH_VARS}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
