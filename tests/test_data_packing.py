@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssa_megatron.data.batch import cu_seqlens_from_position_ids, row_fields, rows_to_batch
+from ssa_megatron.data.batch import row_fields, rows_to_batch
 from ssa_megatron.data.packing import (
     COL_DOC_STARTS,
     COL_NUM_TOKENS,
@@ -112,9 +112,12 @@ def test_rows_of_wrong_length_are_refused() -> None:
         rows_to_batch([sample], 16)
 
 
-def test_cu_seqlens_from_position_ids() -> None:
-    pos = torch.tensor([[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]])
-    assert cu_seqlens_from_position_ids(pos).tolist() == [0, 3, 5, 6, 10]
-    assert cu_seqlens_from_position_ids(pos).dtype == torch.int32
-    with pytest.raises(ValueError, match="start at 0"):
-        cu_seqlens_from_position_ids(torch.tensor([[1, 2]]))
+def test_document_boundaries_from_position_ids() -> None:
+    """The batch's position_ids restarts are the documents the model's kernels see, per row; a row
+    always starts one, whatever its first position says."""
+    from ssa_megatron.model.attention import document_cu_seqlens
+
+    pos = torch.tensor([[0, 1, 2, 0, 1], [0, 0, 1, 2, 3], [3, 4, 0, 1, 2]])
+    rows = document_cu_seqlens(pos)
+    assert [r.tolist() for r in rows] == [[0, 3, 5], [0, 1, 5], [0, 2, 5]]
+    assert all(r.dtype == torch.int32 for r in rows)

@@ -13,7 +13,6 @@ _EXPORTS = {
     "DataConfig": "config",
     "StreamSpec": "config",
     "build_loaders": "loader",
-    "cu_seqlens_from_position_ids": "batch",
     "rows_to_batch": "batch",
     "load_tokenizer": "tokenizer",
     "train_sentencepiece": "tokenizer",

@@ -5,8 +5,8 @@
 - ``loss_mask`` (float32) is 0 where the target is the first token of a document (it cannot
   be predicted from the previous document, as in the SSA recipe) or padding.
 
-Document boundaries travel only as ``position_ids == 0``; :func:`cu_seqlens_from_position_ids`
-turns them into the varlen kernels' ``cu_seqlens``.
+Document boundaries travel only as ``position_ids == 0``; the model turns them into the kernels'
+per-row ``cu_seqlens`` (``ssa_megatron.model.attention.document_cu_seqlens``).
 """
 
 from __future__ import annotations
@@ -55,17 +55,3 @@ def rows_to_batch(samples: Sequence[dict], seq_len: int) -> dict[str, torch.Tens
         "position_ids": torch.from_numpy(np.stack([f[0] for f in fields])),
         "row_ids": torch.tensor([int(s[COL_ROW_ID]) for s in samples], dtype=torch.int64),
     }
-
-
-def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Document-causal boundaries of a packed sequence for the varlen kernels (B == 1 layout).
-
-    Flattens ``[b, s]`` row-major (rows concatenated, each row start is a boundary) and
-    returns int32 ``[num_docs + 1]`` cumulative lengths, FlashAttention convention.
-    """
-    flat = position_ids.reshape(-1)
-    starts = torch.nonzero(flat == 0, as_tuple=False).reshape(-1)
-    if starts.numel() == 0 or int(starts[0]) != 0:
-        raise ValueError("position_ids must start at 0 (every row starts a segment)")
-    end = torch.tensor([flat.numel()], dtype=starts.dtype, device=starts.device)
-    return torch.cat([starts, end]).to(torch.int32)
