@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
-# megatron warns at import that it falls back from Transformer Engine/Apex to plain torch; this
-# stack never needs either, so the message is noise on every rank.
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
+from ssa_megatron.quiet import quiet_third_party
+
+# Module level: the processes a launcher or a loader spawns re-import this module, so they are quiet too.
+quiet_third_party()
 
 
 def build_parser() -> argparse.ArgumentParser:

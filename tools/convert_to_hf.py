@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ssa_megatron.convert.cli import DAMAGED, USAGE, ExportError, check_output_dir, fail, quiet_third_party
+from ssa_megatron.convert.cli import DAMAGED, USAGE, ExportError, check_output_dir, fail
+from ssa_megatron.quiet import quiet_third_party
 
 quiet_third_party()
 PROG = "convert_to_hf.py"

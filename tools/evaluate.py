@@ -17,7 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ssa_megatron.convert.cli import DAMAGED, USAGE, fail, quiet_third_party
+from ssa_megatron.convert.cli import DAMAGED, USAGE, fail
+from ssa_megatron.quiet import quiet_third_party
 
 quiet_third_party()
 PROG = "evaluate.py"

@@ -1,4 +1,4 @@
-"""What the export, import and evaluation command lines share: quiet third-party noise, one-line errors.
+"""What the export, import and evaluation command lines share: one-line errors and their exit codes.
 
 Exit codes: 2 for usage and input errors (a flag value, a path that does not exist, an output directory
 that is not empty, a tokenizer that is not the model's, data that does not fit the model), 1 for damaged
@@ -8,9 +8,7 @@ naming the value, no traceback, and nothing on disk changed.
 
 from __future__ import annotations
 
-import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import NoReturn
 
@@ -37,27 +35,6 @@ def check_output_dir(out_dir: str | Path, *, overwrite: bool) -> Path:
             f"--out {out} is not empty; pass --overwrite to replace its contents, or choose a new directory"
         )
     return out
-
-
-def quiet_third_party() -> None:
-    """Silence import-time chatter of megatron and torch that says nothing about the user's run.
-
-    Call it at module level of a tool script: processes spawned by the tool re-import that module, so the
-    filters reach them too.
-    """
-    # megatron falls back from Transformer Engine / Apex to plain torch, and deprecates its own APIs.
-    fallback = ".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed"
-    warnings.filterwarnings("ignore", message=fallback)
-    for category in (DeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"megatron(\.|$)")
-    warnings.filterwarnings("ignore", message=r".*\bdeprecated\b", module=r"megatron(\.|$)")
-    # torch's extension loader logs this at import on any machine without a CUDA toolkit.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    # DeepSpeed (imported by transformers/accelerate) announces its CPU fallback on its own logger, whose
-    # level it sets itself at import; a filter on the logger survives that.
-    logging.getLogger("DeepSpeed").addFilter(
-        lambda record: not record.getMessage().startswith("Setting accelerator to CPU")
-    )
 
 
 def fail(prog: str, message: object, code: int) -> NoReturn:
