@@ -203,6 +203,28 @@ def test_selected_attention_forward_and_backward(
     check_attention(b, t, h, g, 64, bs, bc, qr, bounds, dtype, seed=3 * t + g)
 
 
+@pytest.mark.parametrize("through", ["o", "lse"])
+def test_gradient_through_one_output_only(through: str) -> None:
+    # The other output's gradient reaches the backward as None (not a materialised zero tensor).
+    q, k, v = make(1, 70, 2, 3, 64, torch.float32, seed=17)
+    kw = {"q_offset": 0, "cu_seqlens": cu([0, 33, 70])}
+    idx = ssa.sparse_attention(q, k, v, 16, 3, backend="naive", **kw)[2]
+    w = torch.randn(q.shape, generator=torch.Generator(device=DEV).manual_seed(18), device=DEV)
+    grads = []
+    for backend in ("triton", "naive"):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        with poisoned_outputs():
+            o, lse = ssa.selected_attention(*leaves, idx, 16, backend=backend, **kw)
+            ((o * w).sum() if through == "o" else (lse * w[..., 0]).sum()).backward()
+        grads.append([x.grad for x in leaves])
+    if through == "lse":
+        # The LSE does not depend on v: the reference leaves no gradient, the kernel a zero one.
+        assert grads[1][2] is None and not grads[0][2].any()
+        grads = [g[:2] for g in grads]
+    for name, got, want in zip(["dq", "dk", "dv"], *grads):
+        assert rel(got, want) < TOL[torch.float32], name
+
+
 @pytest.mark.parametrize(
     ("qr", "bounds", "dtype"),
     [((9, 40), None, torch.float32), ((3, 40), [0, 17, 40], torch.bfloat16)],

@@ -392,6 +392,9 @@ class SelectedAttention(torch.autograd.Function):
         plan: Plan,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         launch = default_launch(q.shape[-1], q.shape[2] // k.shape[2])
+        # Training uses the LSE only detached (the sparsity statistic): an absent gradient stays None
+        # instead of a zero tensor, which cost a fill launch and a load per query head in dq.
+        ctx.set_materialize_grads(False)
         o, lse = _forward(q, k, v, idx, block_size, q_offset, scale, plan, launch)
         ctx.save_for_backward(q, k, v, idx, o, lse)
         ctx.args = (block_size, q_offset, scale, plan, launch)
@@ -399,9 +402,12 @@ class SelectedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(
-        ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor, dlse: torch.Tensor | None
+        ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor | None, dlse: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
         q, k, v, idx, o, lse = ctx.saved_tensors
+        if do is None:
+            # Only the LSE reached the loss.
+            do = torch.zeros_like(o)
         dq, dk, dv = _backward(q, k, v, idx, o, lse, do, dlse, *ctx.args)
         return dq, dk, dv, None, None, None, None, None
 
