@@ -35,14 +35,15 @@ def _row_and_head(H):
 
 @triton.jit
 def _walk(
-    QDOC, IDX, K, V, i, b, h, q_offset, sk_b, sk_h, si_b, si_t, si_h, BS: tl.constexpr, KN: tl.constexpr
-):
+    QDOC, IDX, K, V, i, b, h, q_offset, sk_b, sk_h, sv_b, sv_h, si_b, si_t, si_h,
+    BS: tl.constexpr, KN: tl.constexpr,
+):  # fmt: skip
     """Where the program of query row ``i`` and KV head ``h`` walks its selections, KN keys per step:
     its document start and local position, each step's slot offsets and rows, its K/V and index rows."""
     doc = tl.load(QDOC + i).to(tl.int64)
     kk = tl.arange(0, KN)
     k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
     return doc, q_offset + i - doc, kk // BS, kk % BS, k_base, v_base, IDX + b * si_b + i * si_t + h * si_h
 
 
@@ -82,7 +83,8 @@ def _key_rows(base, kpos, ok, sk_t, d):
 @triton.jit
 def _fwd_kernel(
     Q, K, V, IDX, OUT, LSE, QDOC,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, si_b, si_t, si_h, so_b, so_t, so_h, sl_b, sl_t, sl_h,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, si_b, si_t, si_h, so_b, so_t, so_h,
+    sl_b, sl_t, sl_h,
     q_offset, qk_scale, H, G, BC,
     BS: tl.constexpr, GP: tl.constexpr, KN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -94,7 +96,7 @@ def _fwd_kernel(
         Q + b * sq_b + i * sq_t + (h * G + g)[:, None] * sq_h + d[None, :], mask=g_ok[:, None], other=0.0
     )
     doc, loc, c_in, r, k_base, v_base, idx_row = _walk(
-        QDOC, IDX, K, V, i, b, h, q_offset, sk_b, sk_h, si_b, si_t, si_h, BS, KN
+        QDOC, IDX, K, V, i, b, h, q_offset, sk_b, sk_h, sv_b, sv_h, si_b, si_t, si_h, BS, KN
     )
     m = tl.full([GP], float("-inf"), tl.float32)
     acc_l = tl.zeros([GP], tl.float32)
@@ -103,7 +105,7 @@ def _fwd_kernel(
         kpos, ok = _selected_keys(idx_row, c0, c_in, r, doc, loc, BC, BS)
         kt = _key_rows(k_base, kpos, ok, sk_t, d)
         m_new, alpha, p, acc_l = online_softmax_step(q, kt, ok, qk_scale, m, acc_l, IEEE)
-        vt = _key_rows(v_base, kpos, ok, sk_t, d)
+        vt = _key_rows(v_base, kpos, ok, sv_t, d)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE)
         m = m_new
     o = acc / acc_l[:, None]
@@ -116,20 +118,22 @@ def _fwd_kernel(
 @triton.jit
 def _dq_kernel(
     Q, K, V, IDX, OUT, DO, LSE, DLSE, DELTA, DQ, QDOC,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, si_b, si_t, si_h, sl_b, sl_t, sl_h,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, si_b, si_t, si_h, so_b, so_t, so_h,
+    sl_b, sl_t, sl_h,
     q_offset, qk_scale, scale, H, G, BC,
     BS: tl.constexpr, GP: tl.constexpr, KN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
     HAS_DLSE: tl.constexpr,
 ):  # fmt: skip
-    # OUT, DO and DQ share q's strides, DLSE and DELTA the LSE's (the wrapper lays them out so).
+    # OUT, DO and DQ share one set of strides, DLSE and DELTA the LSE's (the wrapper lays them out so).
     # Delta = rowsum(dO * O) is computed here and stored for the dK/dV kernel: as separate torch
     # ops (two fp32 casts, a product, a sum) it cost ~0.2 ms per layer at 8k tokens (H200 profile).
     i, b, h = _row_and_head(H)
     g = tl.arange(0, GP)
     g_ok = g < G
     d = tl.arange(0, D)
-    qo_off = b * sq_b + i * sq_t + (h * G + g)[:, None] * sq_h + d[None, :]
-    q = tl.load(Q + qo_off, mask=g_ok[:, None], other=0.0)
+    q_off = b * sq_b + i * sq_t + (h * G + g)[:, None] * sq_h + d[None, :]
+    q = tl.load(Q + q_off, mask=g_ok[:, None], other=0.0)
+    qo_off = b * so_b + i * so_t + (h * G + g)[:, None] * so_h + d[None, :]
     do = tl.load(DO + qo_off, mask=g_ok[:, None], other=0.0)
     l_off = b * sl_b + i * sl_t + (h * G + g) * sl_h
     lse2 = tl.load(LSE + l_off, mask=g_ok, other=0.0) * 1.4426950408889634
@@ -140,13 +144,13 @@ def _dq_kernel(
         delta -= tl.load(DLSE + l_off, mask=g_ok, other=0.0)
     tl.store(DELTA + l_off, delta, mask=g_ok)
     doc, loc, c_in, r, k_base, v_base, idx_row = _walk(
-        QDOC, IDX, K, V, i, b, h, q_offset, sk_b, sk_h, si_b, si_t, si_h, BS, KN
+        QDOC, IDX, K, V, i, b, h, q_offset, sk_b, sk_h, sv_b, sv_h, si_b, si_t, si_h, BS, KN
     )
     dq = tl.zeros([GP, D], tl.float32)
     for c0 in range(0, BC, KN // BS):
         kpos, ok = _selected_keys(idx_row, c0, c_in, r, doc, loc, BC, BS)
         kt = _key_rows(k_base, kpos, ok, sk_t, d)
-        vt = _key_rows(v_base, kpos, ok, sk_t, d)
+        vt = _key_rows(v_base, kpos, ok, sv_t, d)
         s = _dot(q, tl.trans(kt), IEEE) * qk_scale
         p = tl.where(ok[None, :] & g_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
         dp = _dot(do, tl.trans(vt), IEEE)
@@ -158,7 +162,7 @@ def _dq_kernel(
 @triton.jit
 def _dkdv_segment_kernel(
     Q, K, V, DO, LSE, DELTA, ORDER, SEG_KEY, SEG_LO, SEG_HI, SEG_END, BLK_START, BLK_LEN, PDK, PDV,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_t, sl_h,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, sl_b, sl_t, sl_h,
     q_offset, qk_scale, scale, H, G, NB, N_KEYS, TQ, HBC,
     BS: tl.constexpr, GP: tl.constexpr, QC: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -178,9 +182,9 @@ def _dkdv_segment_kernel(
     r = tl.arange(0, BS)
     d = tl.arange(0, D)
     k_ok = r < klen
-    kv_off = b * sk_b + (kstart + r)[:, None] * sk_t + h * sk_h + d[None, :]
-    kt = tl.load(K + kv_off, mask=k_ok[:, None], other=0.0)
-    vt = tl.load(V + kv_off, mask=k_ok[:, None], other=0.0)
+    kpos = (kstart + r)[:, None]
+    kt = tl.load(K + b * sk_b + kpos * sk_t + h * sk_h + d[None, :], mask=k_ok[:, None], other=0.0)
+    vt = tl.load(V + b * sv_b + kpos * sv_t + h * sv_h + d[None, :], mask=k_ok[:, None], other=0.0)
     M: tl.constexpr = QC * GP
     rows = tl.arange(0, M)
     t_in = rows // GP
@@ -192,9 +196,10 @@ def _dkdv_segment_kernel(
         t_ok = jj < hi
         tok = tl.load(ORDER + jj, mask=t_ok, other=0) // HBC % TQ
         row_ok = t_ok & (g < G)
-        qo_off = b * sq_b + tok[:, None] * sq_t + (h * G + g)[:, None] * sq_h + d[None, :]
-        q = tl.load(Q + qo_off, mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + qo_off, mask=row_ok[:, None], other=0.0)
+        q_off = b * sq_b + tok[:, None] * sq_t + (h * G + g)[:, None] * sq_h + d[None, :]
+        q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+        do_off = b * so_b + tok[:, None] * so_t + (h * G + g)[:, None] * so_h + d[None, :]
+        do = tl.load(DO + do_off, mask=row_ok[:, None], other=0.0)
         l_off = b * sl_b + tok * sl_t + (h * G + g) * sl_h
         lse2 = tl.load(LSE + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
@@ -214,7 +219,7 @@ def _dkdv_segment_kernel(
 @triton.jit
 def _dkdv_reduce_kernel(
     PDK, PDV, SEG_END, NSEG, BLK_START, BLK_LEN, DK, DV,
-    sk_b, sk_t, sk_h, H, NB,
+    sd_b, sd_t, sd_h, H, NB,
     BS: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
     key = tl.program_id(0).to(tl.int64)
@@ -234,7 +239,7 @@ def _dkdv_reduce_kernel(
         dv += tl.load(PDV + off)
     kstart = tl.load(BLK_START + row).to(tl.int64)
     klen = tl.load(BLK_LEN + row)
-    out = b * sk_b + (kstart + r)[:, None] * sk_t + h * sk_h + d[None, :]
+    out = b * sd_b + (kstart + r)[:, None] * sd_t + h * sd_h + d[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=(r < klen)[:, None])
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=(r < klen)[:, None])
 
@@ -293,13 +298,13 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     b, tq, hq, d = q.shape
     h = k.shape[2]
-    o = _alloc.empty_like(q)
+    o = _alloc.empty(*q.shape, device=q.device, dtype=q.dtype)
     lse = _alloc.empty(b, tq, hq, device=q.device, dtype=torch.float32)
     _fwd_kernel[(tq, b * h)](
         q, k, v, idx, o, lse, plan.q_doc,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        idx.stride(0), idx.stride(1), idx.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        lse.stride(0), lse.stride(1), lse.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1), idx.stride(2),
+        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         q_offset, scale * LOG2E, h, hq // h, idx.shape[3],
         BS=block_size, GP=_group_rows(hq // h), KN=max(block_size, launch.fwd_keys), D=d,
         IEEE=exact_dots(q.dtype), num_warps=launch.fwd_warps, num_stages=launch.fwd_stages,
@@ -317,11 +322,12 @@ def _dq(
     b, tq, hq, d = q.shape
     h = k.shape[2]
     delta = _alloc.empty_like(lse)
-    dq = _alloc.empty_like(q)
+    dq = _alloc.empty_like(o)
     _dq_kernel[(tq, b * h)](
         q, k, v, idx, o, do, lse, lse if dlse is None else dlse, delta, dq, plan.q_doc,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        idx.stride(0), idx.stride(1), idx.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1), idx.stride(2),
+        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         q_offset, scale * LOG2E, scale, h, hq // h, idx.shape[3],
         BS=block_size, GP=_group_rows(hq // h), KN=max(block_size, launch.dq_keys), D=d,
         IEEE=exact_dots(q.dtype), HAS_DLSE=dlse is not None, num_warps=launch.dq_warps,
@@ -350,16 +356,17 @@ def _dkdv(
         q, k, v, do, lse, delta, table.order, table.seg_key, table.seg_lo, table.seg_hi, table.seg_end,
         plan.blk_start, plan.blk_len, pdk, pdv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         q_offset, scale * LOG2E, scale, h, g, plan.n_blocks, n_keys, tq, pairs_per_token,
         BS=block_size, GP=gp, QC=max(1, launch.dkdv_rows // gp), D=d, IEEE=exact_dots(q.dtype),
         num_warps=launch.dkdv_warps, num_stages=launch.dkdv_stages, maxnreg=launch.dkdv_maxnreg,
     )  # fmt: skip
-    dk = _alloc.empty_like(k)
-    dv = _alloc.empty_like(v)
+    dk = _alloc.empty(*k.shape, device=k.device, dtype=k.dtype)
+    dv = _alloc.empty_like(dk)
     _dkdv_reduce_kernel[(n_keys,)](
         pdk, pdv, table.seg_end, table.nseg, plan.blk_start, plan.blk_len, dk, dv,
-        k.stride(0), k.stride(1), k.stride(2), h, plan.n_blocks,
+        dk.stride(0), dk.stride(1), dk.stride(2), h, plan.n_blocks,
         BS=block_size, D=d,
     )  # fmt: skip
     return dk, dv

@@ -29,10 +29,10 @@ def _check(x: torch.Tensor, block_size: int) -> torch.Tensor:
         )
     if x.dtype not in _DTYPES:
         raise ValueError(f"the Triton SSA kernels take fp16, bf16 or fp32; got {x.dtype}")
-    # The kernels address k and v with one set of strides (and their gradients with the same), so
-    # every input is made contiguous: megatron hands over views of the fused QKV projection whose
-    # strides differ between k (after RoPE) and v. The copy is small next to the attention itself.
-    return x.contiguous()
+    # The kernels take every input's batch, token and head strides, so the views megatron hands over
+    # (v a slice of the fused QKV projection, q and k transposed) are read in place: a copy per
+    # input was a launch each in every layer's forward. Only the head dimension must be dense.
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def block_keys(k: torch.Tensor, block_size: int, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
