@@ -36,11 +36,13 @@ EXTRAS = {
     # lm-evaluation-harness on exported models (`lm_eval --model hf --model_args pretrained=DIR,...`).
     "lmeval": ["lm_eval[hf]>=0.4.9,<0.5"],
     "te": ["transformer-engine[pytorch]"],
+    # Liger's Triton kernels for model.fused_ops (RMSNorm, SwiGLU, LM-head linear + cross entropy).
+    "gpu": ["liger-kernel==0.8.5"],
     # moto[server]: an S3-compatible server on 127.0.0.1 for the object-storage data tests.
     "test": ["pytest==9.2.0", "pytest-timeout>=2.3", "ruff==0.17.6", "moto[server]>=5.0"],
 }
 EXTRAS["dev"] = sorted(
-    set(EXTRAS["deepspeed"] + EXTRAS["hf"] + EXTRAS["eval"] + EXTRAS["lmeval"] + EXTRAS["test"])
+    {req for extra in ("deepspeed", "hf", "eval", "lmeval", "gpu", "test") for req in EXTRAS[extra]}
 )
 
 setup(

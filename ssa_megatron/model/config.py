@@ -27,6 +27,7 @@ ALIGNMENT_LOSSES = ("smooth_l1", "mse")
 KERNEL_BACKENDS = ("auto", "triton", "naive")
 PRECISIONS = ("bf16", "fp16", "fp32")
 RECOMPUTE = ("none", "full")
+FUSED_OPS = ("auto", "off")
 
 
 class ConfigError(ValueError):
@@ -76,6 +77,9 @@ class ModelConfig:
     init_method_std: float = 0.02
     # Share the input embedding and the output layer.
     tie_embeddings: bool = True
+    # Liger's fused Triton RMSNorm, SwiGLU and (at TP=1) LM-head linear + cross entropy: auto (on with
+    # CUDA and the liger-kernel package, the [gpu] extra) or off (megatron's own ops). CPU runs are off.
+    fused_ops: str = "auto"
     # Set from the tokenizer when None; an explicit value must cover the tokenizer.
     vocab_size: int | None = None
 
@@ -126,6 +130,7 @@ def check_ssa_fields(cfg: Any, prefix: str = "") -> None:
     _check_choice(prefix + "alignment_loss", cfg.alignment_loss, ALIGNMENT_LOSSES)
     _check_choice(prefix + "inference_mode", cfg.inference_mode, INFERENCE_MODES)
     _check_choice(prefix + "kernel_backend", cfg.kernel_backend, KERNEL_BACKENDS)
+    _check_choice(prefix + "fused_ops", cfg.fused_ops, FUSED_OPS)
     if cfg.block_size < 1 or cfg.block_size & (cfg.block_size - 1):
         raise ConfigError(f"{prefix}block_size must be a power of two (e.g. 16); got {cfg.block_size}")
     if cfg.block_count < 1:
@@ -259,6 +264,7 @@ _TRANSFORMER_FIELDS = (
     "document_causal",
     "rotary_base",
     "kernel_backend",
+    "fused_ops",
 )
 
 

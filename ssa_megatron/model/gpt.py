@@ -4,6 +4,11 @@ Positions: ``GPTModel.forward(input_ids, position_ids, ...)`` — ``position_ids
 CP rank's tokens, as the batch contract gives them) drive RoPE inside the SSA attention and, with
 ``config.document_causal``, the document boundaries (``position_ids == 0``). Pass them on every
 pipeline stage. megatron's own position embedding is off (``position_embedding_type="none"``).
+
+Loss: with ``labels`` the forward returns megatron's per-token cross entropy ``[b, s]``. Given the
+``loss_mask`` too (keyword) and with the fused LM loss on (``fused_ops.fused_lm_loss_enabled``: fused
+ops and TP=1), the output projection and the cross entropy are one Liger op that never builds the
+logits; masked tokens then have loss 0 (the loss function multiplies them by 0).
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from __future__ import annotations
 from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
+from ssa_megatron.model import fused_ops
 from ssa_megatron.model.attention import SSAForwardParams, build_forward_params
 from ssa_megatron.model.config import SSATransformerConfig, check_sequence_length
-from ssa_megatron.model.layer_spec import get_ssa_layer_spec
+from ssa_megatron.model.layer_spec import get_ssa_decoder_spec
 from ssa_megatron.model.mode import ModeOverride
 
 
@@ -43,6 +49,25 @@ class SSAGPTModel(GPTModel):
             inference_context=inference_context, packed_seq_params=packed_seq_params,
             extra_block_kwargs=extra_block_kwargs, runtime_gather_output=runtime_gather_output, **kwargs,
         )
+
+    def _postprocess(  # type: ignore[override]
+        self, hidden_states: Tensor, labels: Tensor | None = None, loss_mask: Tensor | None = None,
+        **kwargs: object,
+    ) -> Tensor:  # fmt: skip
+        # megatron calls this with keywords only; its other arguments serve MTP and inference.
+        fused = (
+            labels is not None and loss_mask is not None and not self.mtp_process
+            and fused_ops.runs_triton(hidden_states) and fused_ops.fused_lm_loss_enabled(self.config)
+        )  # fmt: skip
+        if not fused:
+            return super()._postprocess(
+                hidden_states=hidden_states, labels=labels, loss_mask=loss_mask, **kwargs
+            )
+        if self.share_embeddings_and_output_weights:
+            weight = self.shared_embedding_or_output_weight()
+        else:
+            weight = self.output_layer.weight
+        return fused_ops.linear_cross_entropy(hidden_states, weight, labels, loss_mask)
 
     def forward_params(self, input_ids: Tensor | None, position_ids: Tensor | None) -> SSAForwardParams:
         """The SSA parameters of the next forward (a training draw needs the published iteration)."""
@@ -82,7 +107,7 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     return SSAGPTModel(
         config,
-        get_ssa_layer_spec(config, use_te=use_te),
+        get_ssa_decoder_spec(config, use_te=use_te, vp_stage=vp_stage),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
         pre_process=pre_process,

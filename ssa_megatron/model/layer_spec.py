@@ -5,6 +5,10 @@ one. With Transformer Engine importable (``use_te=None`` then picks it, ``use_te
 linear and norm layers come from TE's spec provider; the input norm stays a separate module (not fused
 into the QKV projection) because the gate projection needs the normalised hidden state too. TE is not
 installed on this project's CPU or GPU machines, so the TE variant is untested here.
+
+With ``model.fused_ops`` on (``fused_ops.fused_ops_enabled``), the local spec's RMSNorms (the layers'
+and the final one) and its MLP are Liger's fused ones (``ssa_megatron.model.fused_ops``), with the
+same parameter names; ``get_ssa_decoder_spec`` is then a block spec, to carry the final norm.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_bac
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from ssa_megatron.model import fused_ops
 from ssa_megatron.model.attention import SSACoreAttention, SSASelfAttention, SSASelfAttentionSubmodules
 from ssa_megatron.model.config import SSATransformerConfig
 
@@ -50,6 +56,9 @@ def get_ssa_layer_spec(config: SSATransformerConfig, use_te: bool | None = None)
     rms = config.normalization == "RMSNorm"
     norm = backend.layer_norm(rms_norm=rms, for_qk=False)
     mlp = get_mlp_module_spec_for_backend(backend=backend)
+    if _fused(config, backend):
+        norm = fused_ops.FusedRMSNorm
+        mlp = ModuleSpec(module=fused_ops.FusedSwiGLUMLP, submodules=mlp.submodules)
     # TE's MLP spec fuses the pre-MLP norm into fc1; the local one needs it as its own module.
     pre_mlp_norm = IdentityOp if backend.fuse_layernorm_and_linear() else norm
     attention = ModuleSpec(
@@ -73,3 +82,23 @@ def get_ssa_layer_spec(config: SSATransformerConfig, use_te: bool | None = None)
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def get_ssa_decoder_spec(
+    config: SSATransformerConfig, use_te: bool | None = None, vp_stage: int | None = None
+) -> ModuleSpec | TransformerBlockSubmodules:
+    """The decoder spec ``GPTModel`` takes: the layer spec, or with the fused ops a block spec of this
+    pipeline stage's (``vp_stage``'s) layers whose final norm is the fused one (from a layer spec
+    megatron would pick its default norm for it)."""
+    layer = get_ssa_layer_spec(config, use_te=use_te)
+    if not _fused(config, _backend(use_te)):
+        return layer
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage), layer_norm=fused_ops.FusedRMSNorm
+    )
+
+
+def _fused(config: SSATransformerConfig, backend: BackendSpecProvider) -> bool:
+    # Liger replaces the local spec's torch ops; TE's fused layers are left as they are.
+    local = isinstance(backend, LocalSpecProvider)
+    return local and config.normalization == "RMSNorm" and fused_ops.fused_ops_enabled(config)

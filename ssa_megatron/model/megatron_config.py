@@ -39,6 +39,7 @@ class SSATransformerConfig(TransformerConfig):
     mode_seed: int = 0
     rotary_base: float = ModelConfig.rotary_base
     kernel_backend: str = ModelConfig.kernel_backend
+    fused_ops: str = ModelConfig.fused_ops
 
     def __post_init__(self) -> None:
         groups = self.num_query_groups or self.num_attention_heads

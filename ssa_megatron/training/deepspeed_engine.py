@@ -151,7 +151,8 @@ class DeepSpeedEngine:
             batch = shard_batch(batch)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.set_grad_enabled(not forward_only):
-                output = self.engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+                tokens, positions, labels = batch["tokens"], batch["position_ids"], batch["labels"]
+                output = self.engine(tokens, positions, None, labels=labels, loss_mask=batch["loss_mask"])
                 loss, reduced = partial(loss_func, batch["loss_mask"])(output)
             store.append(reduced)
             if not forward_only:

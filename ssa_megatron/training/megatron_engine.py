@@ -25,7 +25,9 @@ def forward_step(
     # (TransformerLayer.current_microbatch), which also holds when recomputation replays the forward.
     batch = shard_batch(next(data_iterator))
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    # The loss mask lets the fused LM loss skip masked tokens (model/gpt.py); the loss is masked below.
+    tokens, positions, labels = batch["tokens"], batch["position_ids"], batch["labels"]
+    output = model(tokens, positions, None, labels=labels, loss_mask=batch["loss_mask"])
     return output, partial(loss_func, batch["loss_mask"])
 
 
