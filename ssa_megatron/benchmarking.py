@@ -192,6 +192,100 @@ def kernel_profile(fn: Callable[[], object], steps: int, top: int = 25) -> dict[
     return result
 
 
+def input_grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor) -> None:
+    """Backward of ``out`` into ``inputs``, the gradients returned and dropped.
+
+    Not accumulated into ``.grad``: inside a model q, k and v are activations, and an accumulation
+    would add to every call a read-modify-write of each gradient (0.1 ms per query-sized tensor at
+    32k tokens on an H200) that is not attention's work.
+    """
+    torch.autograd.grad(out, inputs, grad_out)
+
+
+def attention_inputs(
+    t: int, q_heads: int, kv_heads: int, head_dim: int, device: str = "cuda"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random bf16 q, k, v (leaves requiring grad) and an output gradient, ``[1, t, heads, head_dim]``,
+    seeded by ``t``."""
+    gen = torch.Generator(device=device).manual_seed(t)
+
+    def draw(heads: int) -> torch.Tensor:
+        return torch.randn(1, t, heads, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
+
+    q, k, v = (draw(heads).requires_grad_(True) for heads in (q_heads, kv_heads, kv_heads))
+    return q, k, v, draw(q_heads)
+
+
+def dense_sdpa_calls(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
+) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
+    """The dense baseline's forward and forward+backward: SDPA causal on ``[B, H, T, D]``, K/V expanded
+    to the query heads here, outside the timed calls (what a dense GQA layer hands to SDPA's flash
+    backend)."""
+    import torch.nn.functional as F
+
+    group = q.shape[2] // k.shape[2]
+    qd = q.detach().transpose(1, 2).contiguous().requires_grad_(True)
+    kd = k.detach().repeat_interleave(group, dim=2).transpose(1, 2).contiguous().requires_grad_(True)
+    vd = v.detach().repeat_interleave(group, dim=2).transpose(1, 2).contiguous().requires_grad_(True)
+    dod = do.transpose(1, 2).contiguous()
+
+    def forward() -> torch.Tensor:
+        return F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
+
+    return forward, lambda: input_grads(forward(), (qd, kd, vd), dod)
+
+
+def sparse_branch_fwdbwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, block_size: int, block_count: int
+) -> Callable[[], None]:
+    """The whole SSA sparse branch (block keys + selection + selected attention), forward+backward."""
+    from kernels import ssa
+
+    return lambda: input_grads(ssa.sparse_attention(q, k, v, block_size, block_count)[0], (q, k, v), do)
+
+
+def sparse_over_dense_device(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    block_size: int,
+    block_count: int,
+    reps: int,
+) -> dict[str, float]:
+    """Device busy time (kernels only, ``kernel_profile``) of the sparse branch and of dense SDPA, each
+    forward+backward, and their ratio: what the two cost inside a model, where the host launches
+    ahead; wall times would also hold each call's launch overhead."""
+    _, dense = dense_sdpa_calls(q, k, v, do)
+    sparse = sparse_branch_fwdbwd(q, k, v, do, block_size, block_count)
+    dense_ms = kernel_profile(dense, reps)["device_busy_ms"]
+    sparse_ms = kernel_profile(sparse, reps)["device_busy_ms"]
+    return {"sdpa_fwdbwd_device_ms": dense_ms, "sparse_fwdbwd_device_ms": sparse_ms,
+            "sparse_over_dense_device": sparse_ms / dense_ms}  # fmt: skip
+
+
+# The SSA authors' 1B model (github.com/zhenyi4/ssa) and the NSA kernels it runs on
+# (github.com/fla-org/native-sparse-attention): the files tools/authors_step.py assembles, relative
+# to each checkout.
+AUTHORS_MODEL_DIR = Path("configs") / "ssa-1b-init"
+AUTHORS_FILES = (AUTHORS_MODEL_DIR / "config.json", AUTHORS_MODEL_DIR / "configuration_llama_nsa.py",
+                 AUTHORS_MODEL_DIR / "modeling_llama_nsa.py", Path("hf_files") / "parallel.py")  # fmt: skip
+NSA_FILES = (Path("native_sparse_attention") / "ops" / "utils.py",)
+
+
+def authors_checkout_problem(authors_repo: Path, nsa_repo: Path) -> str | None:
+    """One line naming the first checkout that lacks a file the authors' step needs, or None."""
+    for flag, root, files, source in (
+        ("--authors-repo", authors_repo, AUTHORS_FILES, "zhenyi4/ssa"),
+        ("--nsa-repo", nsa_repo, NSA_FILES, "fla-org/native-sparse-attention"),
+    ):
+        missing = [str(f) for f in files if not (root / f).is_file()]
+        if missing:
+            return f"{flag} {root}: no {missing[0]} there; pass a checkout of github.com/{source}"
+    return None
+
+
 def measured_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     """bf16 dense matmul rate of this GPU, measured (the peak that MFU-style targets refer to)."""
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -48,44 +48,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def bench_one(args: argparse.Namespace, t: int, fla_nsa: Callable | None) -> dict:
     import torch
-    import torch.nn.functional as F
 
     from kernels import ssa
     from kernels.probes.gather_bound import gathered_sums
     from kernels.ssa._plan import make_plan
     from kernels.ssa.selected_attention_kernel import default_launch
-    from ssa_megatron.benchmarking import cuda_time_ms, kernel_profile
+    from ssa_megatron.benchmarking import (
+        attention_inputs,
+        cuda_time_ms,
+        dense_sdpa_calls,
+        input_grads,
+        sparse_branch_fwdbwd,
+        sparse_over_dense_device,
+    )
 
     hq, h, d, bs, bc = args.q_heads, args.kv_heads, args.head_dim, args.block_size, args.block_count
     dev, dt = "cuda", torch.bfloat16
-    gen = torch.Generator(device=dev).manual_seed(t)
-    q = torch.randn(1, t, hq, d, device=dev, dtype=dt, generator=gen).requires_grad_(True)
-    k = torch.randn(1, t, h, d, device=dev, dtype=dt, generator=gen).requires_grad_(True)
-    v = torch.randn(1, t, h, d, device=dev, dtype=dt, generator=gen).requires_grad_(True)
-    do = torch.randn(1, t, hq, d, device=dev, dtype=dt, generator=gen)
+    q, k, v, do = attention_inputs(t, hq, h, d, dev)
     time = lambda fn: cuda_time_ms(fn, args.reps, args.warmup)
     row: dict = {"T": t}
 
-    def grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor) -> None:
-        # Returned, not accumulated into .grad: inside a model q, k and v are activations, and an
-        # accumulation would add to every call a read-modify-write of each gradient (0.1 ms per
-        # query-sized tensor at 32k tokens on an H200) that is not attention's work.
-        torch.autograd.grad(out, inputs, grad_out)
-
-    # Dense baseline: SDPA causal on [B, H, T, D] with K/V expanded to the query heads outside
-    # the timed region (what a dense GQA layer hands to SDPA's flash backend).
-    qd = q.detach().transpose(1, 2).contiguous().requires_grad_(True)
-    kd = k.detach().repeat_interleave(hq // h, dim=2).transpose(1, 2).contiguous().requires_grad_(True)
-    vd = v.detach().repeat_interleave(hq // h, dim=2).transpose(1, 2).contiguous().requires_grad_(True)
-    dod = do.transpose(1, 2).contiguous()
-    sdpa = lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
+    sdpa, sdpa_fwdbwd = dense_sdpa_calls(q, k, v, do)
     with torch.no_grad():
         row["sdpa_fwd_ms"] = time(sdpa)
-    sdpa_fwdbwd = lambda: grads(sdpa(), (qd, kd, vd), dod)
     row["sdpa_fwdbwd_ms"] = time(sdpa_fwdbwd)
 
     def ours_dense() -> None:
-        grads(ssa.dense_attention(q, k, v)[0], (q, k, v), do)
+        input_grads(ssa.dense_attention(q, k, v)[0], (q, k, v), do)
 
     row["ours_dense_fwdbwd_ms"] = time(ours_dense)
 
@@ -100,12 +89,8 @@ def bench_one(args: argparse.Namespace, t: int, fla_nsa: Callable | None) -> dic
         idx_c = idx.contiguous()
         row["sel_attn_gather_ms"] = time(lambda: gathered_sums(k, v, idx_c, bs, 0, plan, launch))
     sel_attn = lambda: ssa.selected_attention(q, k, v, idx, bs)[0]
-    row["sel_attn_fwdbwd_ms"] = time(lambda: grads(sel_attn(), (q, k, v), do))
-
-    def sparse_branch() -> None:
-        grads(ssa.sparse_attention(q, k, v, bs, bc)[0], (q, k, v), do)
-
-    row["sparse_fwdbwd_ms"] = time(sparse_branch)
+    row["sel_attn_fwdbwd_ms"] = time(lambda: input_grads(sel_attn(), (q, k, v), do))
+    row["sparse_fwdbwd_ms"] = time(sparse_branch_fwdbwd(q, k, v, do, bs, bc))
     flops = 4 * t * bc * bs * d * hq
     row["sel_attn_fwd_tflops"] = flops / (row["sel_attn_fwd_ms"] * 1e-3) / 1e12
     # K and V rows of every selected block (the own block's rows past the query are masked, not read).
@@ -113,11 +98,7 @@ def bench_one(args: argparse.Namespace, t: int, fla_nsa: Callable | None) -> dic
     row["sel_attn_gather_tb_s"] = gathered_bytes / (row["sel_attn_gather_ms"] * 1e-3) / 1e12
     row["sel_attn_fwd_tflops_gather_ceiling"] = flops / (row["sel_attn_gather_ms"] * 1e-3) / 1e12
     row["sparse_over_dense_fwdbwd"] = row["sparse_fwdbwd_ms"] / row["sdpa_fwdbwd_ms"]
-    # The same two calls as device busy time (kernels only): what they cost inside a model, where the
-    # host launches ahead, while the wall times above also hold each call's launch overhead.
-    row["sdpa_fwdbwd_device_ms"] = kernel_profile(sdpa_fwdbwd, args.reps)["device_busy_ms"]
-    row["sparse_fwdbwd_device_ms"] = kernel_profile(sparse_branch, args.reps)["device_busy_ms"]
-    row["sparse_over_dense_device"] = row["sparse_fwdbwd_device_ms"] / row["sdpa_fwdbwd_device_ms"]
+    row |= sparse_over_dense_device(q, k, v, do, bs, bc, args.reps)
 
     if fla_nsa is not None:
         idx64 = idx.long()
@@ -134,7 +115,7 @@ def bench_one(args: argparse.Namespace, t: int, fla_nsa: Callable | None) -> dic
                 run = lambda kw=kwargs: fla_nsa(q, k, v, **kw)
                 with torch.no_grad():
                     row[f"{name}_fwd_ms"] = time(run)
-                row[f"{name}_fwdbwd_ms"] = time(lambda r=run: grads(r(), (q, k, v), do))
+                row[f"{name}_fwdbwd_ms"] = time(lambda r=run: input_grads(r(), (q, k, v), do))
             except Exception as exc:
                 row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     torch.cuda.empty_cache()
