@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kernels import ssa
-from kernels.ssa._alloc import poisoned_outputs
+from kernels.ssa._alloc import INT_POISON, poisoned_outputs
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -235,24 +235,29 @@ def test_dense_attention_with_offset_and_documents(
     check_attention(1, 40, 2, 3, 64, 16, 1, qr, bounds, dtype, seed=5, sparse=False)
 
 
-@pytest.mark.parametrize("segment", [3, 16])
-def test_dk_dv_split_into_many_segments(monkeypatch: pytest.MonkeyPatch, segment: int) -> None:
+@pytest.mark.parametrize(("segment", "chunk"), [(3, 4), (16, 1024)])
+def test_dk_dv_split_into_many_segments(monkeypatch: pytest.MonkeyPatch, segment: int, chunk: int) -> None:
     # Blocks selected by more queries than one segment holds (every own block, the early blocks)
-    # are summed over several partials; the host-bounded segment table leaves some segments empty.
+    # are summed over several partials; the host-bounded segment table leaves some segments empty,
+    # and with 4 keys per table program each program places its segments alone.
     from kernels.ssa import segment_table
 
     monkeypatch.setattr(segment_table, "SEG", segment)
+    monkeypatch.setattr(segment_table, "_BLOCK", chunk)
     check_attention(1, 70, 2, 3, 32, 16, 3, (5, 70), [0, 33, 33, 70], torch.float32, seed=segment)
 
 
 @pytest.mark.parametrize(
-    ("b", "t", "h", "bs", "bc", "qr", "bounds", "segment", "short_keys"),
-    [(2, 90, 2, 16, 4, None, None, 5, True), (1, 70, 2, 16, 3, (5, 70), [0, 33, 33, 70], 256, True),
-     (2, 90, 2, 16, 4, None, None, 5, False)],
+    ("b", "t", "h", "bs", "bc", "qr", "bounds", "segment", "short_keys", "chunk"),
+    [(2, 90, 2, 16, 4, None, None, 5, True, 1024),
+     (1, 70, 2, 16, 3, (5, 70), [0, 33, 33, 70], 256, True, 1024),
+     (2, 90, 2, 16, 4, None, None, 5, False, 1024),
+     (2, 90, 2, 16, 4, None, None, 5, True, 8),
+     (1, 70, 2, 16, 3, (5, 70), [0, 33, 33, 70], 2, True, 4)],
 )
 def test_segment_table_lists_each_pair_once_in_query_order(
     monkeypatch: pytest.MonkeyPatch, b: int, t: int, h: int, bs: int, bc: int, qr: tuple[int, int] | None,
-    bounds: list[int] | None, segment: int, short_keys: bool,
+    bounds: list[int] | None, segment: int, short_keys: bool, chunk: int,
 ) -> None:  # fmt: skip
     from kernels.ssa import segment_table
     from kernels.ssa._plan import make_plan
@@ -260,6 +265,8 @@ def test_segment_table_lists_each_pair_once_in_query_order(
     monkeypatch.setattr(segment_table, "SEG", segment)
     # int16 pair keys (every small case) or int32 (more keys than int16 holds, forced here).
     monkeypatch.setattr(segment_table, "SHORT_KEYS_BELOW", 2**15 if short_keys else 0)
+    # Keys per table program: small chunks give several programs, each placing its segments alone.
+    monkeypatch.setattr(segment_table, "_BLOCK", chunk)
     q, k, _ = make(b, t, h, 2, 16, torch.float32, seed=t + segment)
     lo, hi = qr or (0, t)
     kb = ssa.block_keys(k, bs, cu_seqlens=cu(bounds), backend="naive")
@@ -273,8 +280,12 @@ def test_segment_table_lists_each_pair_once_in_query_order(
     for bi, ti, hi_, slot in torch.nonzero(idx >= 0).tolist():
         key = (bi * h + hi_) * plan.n_blocks + int(plan.q_base[ti]) + int(idx[bi, ti, hi_, slot])
         want.setdefault(key, []).append(ti)
-    total = int(table.seg_end[-1])
-    assert table.seg_key.numel() >= total
+    # Every slot is written (the outputs are poisoned); the ones no key owns are empty.
+    owned = torch.zeros(table.seg_key.numel(), dtype=torch.bool)
+    for key in range(b * h * plan.n_blocks):
+        owned[int(table.seg_end[key] - table.nseg[key]) : int(table.seg_end[key])] = True
+    assert not (table.seg_key == INT_POISON).any() and int(owned.sum()) == int(table.nseg.sum())
+    assert (table.seg_lo[~owned] == table.seg_hi[~owned]).all()
     for key in range(b * h * plan.n_blocks):
         first, n = int(table.seg_end[key] - table.nseg[key]), int(table.nseg[key])
         got = []

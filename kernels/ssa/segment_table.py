@@ -2,11 +2,17 @@
 
 The deterministic dk/dv backward (selected_attention_kernel) gives each key block's queries to
 programs in segments of at most SEG queries, sums each segment in fp32, then each block's
-segments in order. This module builds that table on the GPU in four launches and a sort, without
-waiting for the device: the number of segments is bounded on the host (each key block has at most
-one partial segment), and segments past the real count are marked by ``seg_end[-1]``. Built from
-torch ops (where, searchsorted, cumsum, gathers) the same table took ~40 launches per layer, whose
-idle gaps cost ~1.2 ms per 1B training step at 8k tokens (an H200 profile).
+segments in order. This module builds that table on the GPU in two launches and a sort, without
+waiting for the device. Built from torch ops (where, searchsorted, cumsum, gathers) the same table
+took ~40 launches per layer, whose idle gaps cost ~1.2 ms per 1B training step at 8k tokens (an
+H200 profile); a count kernel, a torch cumsum and a segment kernel after the sort took 3-4 more.
+
+Segments need no global prefix sum over keys: the keys are cut into chunks of _BLOCK, and chunk c
+owns the segment slots from ``c * _BLOCK + ceil(S_c / SEG)`` on, S_c being the sorted position of
+its first pair. Chunk c has fewer than ``_BLOCK + (S_{c+1} - S_c) / SEG + 1`` segments (each key at
+most one partial one), which that bound's step from c to c + 1 always covers, so every chunk
+finds its slots from two binary searches of its own; the unused slots of its range are written
+as empty segments. The host bounds the slot count by the same formula with all pairs.
 
 A pair's key is ``(b * H + h) * NB + block row``; pairs sort stably by key, so each block's queries
 stay in ascending order and its sums run in a fixed order: same inputs, same bits.
@@ -34,14 +40,14 @@ _BLOCK = 1024  # elements per program of the table kernels
 class SegmentTable:
     """Pairs sorted by key (``order``: the flat ``[B, Tq, H, block_count]`` index of each pair), and
     the segments over them: segment s covers sorted pairs ``[seg_lo[s], seg_hi[s])`` of key
-    ``seg_key[s]``; key k owns segments ``[seg_end[k] - nseg[k], seg_end[k])``. Entries of the
-    segment arrays at or past ``seg_end[-1]`` are unused (never written)."""
+    ``seg_key[s]``; key k owns segments ``[seg_end[k] - nseg[k], seg_end[k])``. Every slot is written;
+    the slots no key owns are empty (``seg_lo == seg_hi``) and are never summed."""
 
     order: torch.Tensor  # int64 [P]
     seg_key: torch.Tensor  # int32 [S]
     seg_lo: torch.Tensor  # int32 [S]
     seg_hi: torch.Tensor  # int32 [S]
-    seg_end: torch.Tensor  # int32 [K], inclusive prefix sum of nseg
+    seg_end: torch.Tensor  # int32 [K]: one past key k's last segment
     nseg: torch.Tensor  # int32 [K]
 
 
@@ -74,36 +80,45 @@ def _lower_bound(SORTED, target, P, STEPS):
 
 
 @triton.jit
-def _key_counts_kernel(KEYS_SORTED, START, COUNT, NSEG, N_KEYS, P, STEPS, SEG_Q, BLOCK: tl.constexpr):
-    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _segments_kernel(
+    KEYS_SORTED, NSEG, SEG_END, SEG_KEY, SEG_LO, SEG_HI, N_KEYS, P, STEPS, SEG_Q, BLOCK: tl.constexpr
+):
+    c = tl.program_id(0)
+    k = c * BLOCK + tl.arange(0, BLOCK)
     ok = k < N_KEYS
     # The bounds of k and k + 1 in one search: its steps are dependent loads, so two searches in turn
     # would take twice as long.
     bounds = _lower_bound(KEYS_SORTED, k[:, None] + tl.arange(0, 2)[None, :], P, STEPS)
     start = tl.min(bounds, 1)
-    count = tl.max(bounds, 1) - start
-    tl.store(START + k, start, mask=ok)
-    tl.store(COUNT + k, count, mask=ok)
-    tl.store(NSEG + k, (count + SEG_Q - 1) // SEG_Q, mask=ok)
-
-
-@triton.jit
-def _segments_kernel(
-    START, COUNT, NSEG, SEG_END, SEG_KEY, SEG_LO, SEG_HI, N_KEYS, SEG_Q, BLOCK: tl.constexpr
-):
-    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = k < N_KEYS
-    start = tl.load(START + k, mask=ok, other=0)
-    end = start + tl.load(COUNT + k, mask=ok, other=0)
-    nseg = tl.load(NSEG + k, mask=ok, other=0)
-    first = tl.load(SEG_END + k, mask=ok, other=0) - nseg
+    end = tl.max(bounds, 1)
+    nseg = tl.where(ok, (end - start + SEG_Q - 1) // SEG_Q, 0).to(tl.int32)
+    # The chunk's slot range [first, last), from the sorted positions of its first pair and of the
+    # next chunk's (all pairs, sentinels included, for the last chunk: the host's bound).
+    chunk_lo = tl.min(start, 0)
+    is_last = (c + 1) * BLOCK >= N_KEYS
+    chunk_hi = tl.where(is_last, P, tl.max(tl.where(ok, end, 0), 0))
+    first = c * BLOCK + (chunk_lo + SEG_Q - 1) // SEG_Q
+    last = (c + 1) * BLOCK + (chunk_hi + SEG_Q - 1) // SEG_Q
+    seg_end = first + tl.cumsum(nseg, 0)
+    tl.store(NSEG + k, nseg, mask=ok)
+    tl.store(SEG_END + k, seg_end.to(tl.int32), mask=ok)
+    key_first = seg_end - nseg
     # Most keys have one or two segments; a block every query selects (a sink) has Tq / SEG.
     for i in range(tl.max(nseg, 0)):
-        live = ok & (i < nseg)
+        live = i < nseg
         lo = start + i * SEG_Q
-        tl.store(SEG_KEY + first + i, k, mask=live)
-        tl.store(SEG_LO + first + i, lo, mask=live)
-        tl.store(SEG_HI + first + i, tl.minimum(lo + SEG_Q, end), mask=live)
+        tl.store(SEG_KEY + key_first + i, k, mask=live)
+        tl.store(SEG_LO + key_first + i, lo.to(tl.int32), mask=live)
+        tl.store(SEG_HI + key_first + i, tl.minimum(lo + SEG_Q, end).to(tl.int32), mask=live)
+    # The range's unused tail: empty segments (at most about BLOCK slots, more in the last chunk
+    # when many selection slots are unused: the host's bound counts those pairs too).
+    used_end = first + tl.sum(nseg, 0)
+    for s0 in range(used_end, last, BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        tail = s < last
+        tl.store(SEG_KEY + s, tl.zeros([BLOCK], tl.int32), mask=tail)
+        tl.store(SEG_LO + s, tl.zeros([BLOCK], tl.int32), mask=tail)
+        tl.store(SEG_HI + s, tl.zeros([BLOCK], tl.int32), mask=tail)
 
 
 def segment_table(idx: torch.Tensor, plan: Plan, kv_heads: int) -> SegmentTable:
@@ -118,15 +133,12 @@ def segment_table(idx: torch.Tensor, plan: Plan, kv_heads: int) -> SegmentTable:
         idx, plan.q_base, keys, pairs, tq, h, bc, plan.n_blocks, n_keys, BLOCK=_BLOCK
     )
     keys_sorted, order = torch.sort(keys, stable=True)
-    start, count, nseg = (_alloc.empty(n_keys, device=dev, dtype=torch.int32) for _ in range(3))
-    key_grid = (triton.cdiv(n_keys, _BLOCK),)
-    _key_counts_kernel[key_grid](
-        keys_sorted, start, count, nseg, n_keys, pairs, pairs.bit_length(), SEG, BLOCK=_BLOCK
-    )
-    seg_end = torch.cumsum(nseg, 0, dtype=torch.int32)
-    max_segments = n_keys + -(-pairs // SEG)
+    nseg, seg_end = (_alloc.empty(n_keys, device=dev, dtype=torch.int32) for _ in range(2))
+    chunks = triton.cdiv(n_keys, _BLOCK)
+    max_segments = chunks * _BLOCK + -(-pairs // SEG)
     seg_key, seg_lo, seg_hi = (_alloc.empty(max_segments, device=dev, dtype=torch.int32) for _ in range(3))
-    _segments_kernel[key_grid](
-        start, count, nseg, seg_end, seg_key, seg_lo, seg_hi, n_keys, SEG, BLOCK=_BLOCK
+    _segments_kernel[(chunks,)](
+        keys_sorted, nseg, seg_end, seg_key, seg_lo, seg_hi, n_keys, pairs, pairs.bit_length(), SEG,
+        BLOCK=_BLOCK,
     )
     return SegmentTable(order, seg_key, seg_lo, seg_hi, seg_end, nseg)

@@ -161,18 +161,17 @@ def _dq_kernel(
 
 @triton.jit
 def _dkdv_segment_kernel(
-    Q, K, V, DO, LSE, DELTA, ORDER, SEG_KEY, SEG_LO, SEG_HI, SEG_END, BLK_START, BLK_LEN, PDK, PDV,
+    Q, K, V, DO, LSE, DELTA, ORDER, SEG_KEY, SEG_LO, SEG_HI, BLK_START, BLK_LEN, PDK, PDV,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, sl_b, sl_t, sl_h,
-    q_offset, qk_scale, scale, H, G, NB, N_KEYS, TQ, HBC,
+    q_offset, qk_scale, scale, H, G, NB, TQ, HBC,
     BS: tl.constexpr, GP: tl.constexpr, QC: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     seg = tl.program_id(0).to(tl.int64)
-    # The grid is the host's bound on the segment count; the ones past the real count (unwritten
-    # table entries) run empty on block 0.
-    real = seg < tl.load(SEG_END + N_KEYS - 1)
-    key = tl.load(SEG_KEY + seg, mask=real, other=0)
-    lo = tl.load(SEG_LO + seg, mask=real, other=0)
-    hi = tl.load(SEG_HI + seg, mask=real, other=0)
+    # The grid is the host's bound on the segment count; the slots no key owns are empty segments
+    # of block 0, whose (zero) partials are never summed.
+    key = tl.load(SEG_KEY + seg)
+    lo = tl.load(SEG_LO + seg)
+    hi = tl.load(SEG_HI + seg)
     bh = key // NB
     row = key % NB
     b = (bh // H).to(tl.int64)
@@ -353,12 +352,12 @@ def _dkdv(
     pdk = _alloc.empty(n_seg, block_size, d, device=q.device, dtype=torch.float32)
     pdv = _alloc.empty_like(pdk)
     _dkdv_segment_kernel[(n_seg,)](
-        q, k, v, do, lse, delta, table.order, table.seg_key, table.seg_lo, table.seg_hi, table.seg_end,
+        q, k, v, do, lse, delta, table.order, table.seg_key, table.seg_lo, table.seg_hi,
         plan.blk_start, plan.blk_len, pdk, pdv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        q_offset, scale * LOG2E, scale, h, g, plan.n_blocks, n_keys, tq, pairs_per_token,
+        q_offset, scale * LOG2E, scale, h, g, plan.n_blocks, tq, pairs_per_token,
         BS=block_size, GP=gp, QC=max(1, launch.dkdv_rows // gp), D=d, IEEE=exact_dots(q.dtype),
         num_warps=launch.dkdv_warps, num_stages=launch.dkdv_stages, maxnreg=launch.dkdv_maxnreg,
     )  # fmt: skip
