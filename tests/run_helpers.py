@@ -6,11 +6,12 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +53,15 @@ NO_OUTPUT_RUN: dict[str, str] = {
     "checkpoint.dir": "null",
     "logging.tensorboard_dir": "null",
 }
+
+
+def default_and_slow(cases: Iterable[str], default: Collection[str]) -> list:
+    """Parametrize values of a matrix of cases of one kind: the ``default`` ones represent the kind in
+    the default run, the others carry the ``slow`` marker (all of them: ``pytest -m "slow or not slow"``)."""
+    cases = list(cases)
+    if unknown := set(default) - set(cases):
+        raise ValueError(f"default cases {sorted(unknown)} are not among {cases}")
+    return [case if case in default else pytest.param(case, marks=pytest.mark.slow) for case in cases]
 
 
 def flags(pairs: Mapping[str, object]) -> list[str]:

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -175,6 +175,27 @@ class ReplicaStreamingDataset(StreamingDataset):
         self._data_error = self._data_error or error
         raise error from err
 
+    def _prepare_thread(self, it: Any) -> None:
+        self._run_counted(super()._prepare_thread, it)
+
+    def _ready_thread(self, it: Any) -> None:
+        self._run_counted(super()._ready_thread, it)
+
+    def _run_counted(self, body: Callable[[Any], None], it: Any) -> None:
+        """Run a download/ready thread so that it counts as exited even when it fails.
+
+        streaming ends an epoch with ``it.exit()``, which waits until two of the download thread, the
+        ready thread and the yield loop have called ``it.on_exit()``; a thread that raises skips that
+        call. When both threads meet a shard error (the ready thread retries a shard the download thread
+        handed back, see ``prepare_shard``), the wait never ended and the run hung instead of exiting.
+        """
+        try:
+            body(it)
+        except BaseException:
+            self._event.set()  # the other thread and the yield loop stop at their next check
+            it.on_exit()
+            raise
+
     def on_exception(self, future: Any) -> None:
         """A download thread failed: stop the others; the main thread raises the recorded error.
 
@@ -186,6 +207,12 @@ class ReplicaStreamingDataset(StreamingDataset):
         self._event.set()
         if not isinstance(error, DataError):
             raise error
+
+    def _stop_threads(self) -> None:
+        """The main thread gives up on the epoch: its download and ready threads stop at their next check."""
+        event = getattr(self, "_event", None)  # streaming creates it on the first iteration
+        if event is not None:
+            event.set()
 
     def _verify(self, shard_id: int) -> None:
         """Check a local shard's offset table once per process (before its first row is read)."""
@@ -219,8 +246,10 @@ class ReplicaStreamingDataset(StreamingDataset):
             return super().get_item(sample_id, retry)
         except DataError as err:
             self._data_error = err
+            self._stop_threads()
             raise
         except Exception as err:
+            self._stop_threads()
             if self._data_error is not None:
                 raise self._data_error from None
             shard_id, row = self.spanner[sample_id]
