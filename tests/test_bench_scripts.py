@@ -27,7 +27,6 @@ def _run(script: str, out: Path, *extra: str) -> tuple[dict, str]:
     return json.loads(out.read_text()), proc.stdout
 
 
-@pytest.mark.slow
 def test_bench_train_times_every_mode_and_checks_targets(tmp_path: Path) -> None:
     result, report = _run("bench_train.py", tmp_path / "train.json", "--modes", "full", "ssa",
                   "--data.seq_length", "64", "--model.block_count", "2", "--train.micro_batch_size", "2",
@@ -56,7 +55,6 @@ def test_bench_train_times_every_mode_and_checks_targets(tmp_path: Path) -> None
     assert {t["verdict"] for t in result["targets"]} == {"NOT MEASURED"} and "NOT MEASURED" in report
 
 
-@pytest.mark.slow
 def test_bench_inference_times_both_modes(tmp_path: Path) -> None:
     result, _ = _run("bench_inference.py", tmp_path / "prefill.json", "--seq-lens", "64", "96", "--profile")
     assert [r["T"] for r in result["rows"]] == [64, 96]
@@ -132,7 +130,6 @@ def test_sweep_launches_concatenate_the_named_grids() -> None:
             assert set(grid) <= {f.name for f in dataclasses.fields(shipped[kernel])}, kernel
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kernels", [["dkdv", "dq", "fwd", "select_lse", "select_topk"], ["dkdv"]])
 def test_sweep_selected_attention_times_launches_against_the_shipped_one(
     tmp_path: Path, kernels: list[str]

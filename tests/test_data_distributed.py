@@ -19,8 +19,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import pytest
-
 from tests.distributed import run_distributed
 from tests.test_data_common import build_shards
 
@@ -124,7 +122,6 @@ def _single_rank(root: Path, mb: int, n: int, state: dict | None = None) -> list
     return ids
 
 
-@pytest.mark.slow
 def test_two_nodes_dp_replicas_and_exact_resume(tmp_path: Path) -> None:
     root, _, _ = build_shards(tmp_path / "data", n_docs=500, seq_len=SEQ)
     res = run_distributed(_body, world_size=4, args=(str(root), str(tmp_path / "run")), timeout=300)

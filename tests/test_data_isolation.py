@@ -89,7 +89,6 @@ def _member(job: int, rank: int, port: int, root: str, barrier, queue) -> None:
             dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_jobs_started_together_read_what_they_read_alone(shards: Path) -> None:
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(JOBS * RANKS), ctx.SimpleQueue()
@@ -160,7 +159,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
     time.sleep(0.2)
 
 
-@pytest.mark.slow
 def test_killed_run_neither_blocks_nor_leaks_into_the_next(shards: Path, tmp_path: Path) -> None:
     from ssa_megatron.data.loader import DataError, build_loaders
 
@@ -183,7 +181,6 @@ def test_killed_run_neither_blocks_nor_leaks_into_the_next(shards: Path, tmp_pat
     assert not _traces(namespace)
 
 
-@pytest.mark.slow
 def test_leftovers_of_a_dead_run_are_swept_by_any_later_run(shards: Path, tmp_path: Path) -> None:
     proc, namespace = _start_holder(shards, tmp_path / "dead_cache")
     _kill_group(proc)
@@ -213,7 +210,6 @@ def test_streaming_names_carry_the_run_namespace(shards: Path, tmp_path: Path) -
         valid.close()
 
 
-@pytest.mark.slow
 def test_pretrain_refuses_a_checkpoint_dir_in_use_by_a_live_run(shards: Path, tmp_path: Path) -> None:
     """Two live runs on one checkpoint.dir would share its data cache: the second exits 2 with one line."""
     ckpt = tmp_path / "run"

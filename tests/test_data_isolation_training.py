@@ -107,8 +107,11 @@ def _launch(jobs: list[str], procs: int, shards: tuple[Path, Path], base: Path) 
     return curves
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("procs", [1, 2], ids=["single", "torchrun2"])
+# Under torchrun (2 ranks a job, what shares a node's streaming state most) in the default run; single
+# processes with -m slow.
+@pytest.mark.parametrize(
+    "procs", [pytest.param(1, id="single", marks=pytest.mark.slow), pytest.param(2, id="torchrun2")]
+)
 def test_three_way_comparison_in_parallel_matches_solo_runs(procs: int, shards: tuple[Path, Path],
                                                             tmp_path: Path) -> None:
     solo = {}

@@ -121,7 +121,6 @@ def test_prepare_data_cli_with_separate_validation_input_and_stdin(tmp_path: Pat
     assert bad.returncode == 2 and "--output is required" in bad.stderr
 
 
-@pytest.mark.slow
 def test_large_hf_vocabulary_is_stored_as_int32(tmp_path: Path) -> None:
     """A Llama-3-sized vocabulary (> 65536 ids) through a tokenizer.json, end to end."""
     from tokenizers import Tokenizer, models, pre_tokenizers

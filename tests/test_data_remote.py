@@ -218,7 +218,6 @@ def test_moto_server_speaks_s3_through_the_same_client_streaming_uses(s3_endpoin
         assert read_remote("s3://probe-bucket/a/missing", 10) is None
 
 
-@pytest.mark.slow
 def test_prepare_data_writes_to_s3_and_refuses_to_replace_it(
     s3_endpoint: str, s3_dataset: str, corpus: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -266,7 +265,6 @@ class Section:
         return DataSection(**kw)
 
 
-@pytest.mark.slow
 def test_preflight_reads_s3_once_and_the_loader_matches_a_local_copy(
     s3_endpoint: str, s3_dataset: str, tmp_path: Path
 ) -> None:
@@ -318,7 +316,6 @@ def local_sets(corpus: tuple[Path, Path], tmp_path_factory: pytest.TempPathFacto
     return a, b
 
 
-@pytest.mark.slow
 def test_http_and_local_directory_remotes_go_through_the_cache(
     local_sets: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -349,7 +346,6 @@ def test_http_and_local_directory_remotes_go_through_the_cache(
     assert cfg.cache_dir == str(tmp_path / "run" / "data_cache")
 
 
-@pytest.mark.slow
 def test_a_changed_remote_dataset_drops_the_stale_cache(
     local_sets: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -393,7 +389,6 @@ def _stream_counts(cfg, n_batches: int, a_rows: set[bytes]) -> tuple[int, int]:
     return from_a, total
 
 
-@pytest.mark.slow
 def test_mixture_draws_its_configured_proportions(local_sets: tuple[Path, Path]) -> None:
     from ssa_megatron.data.preflight import preflight
 
@@ -409,7 +404,6 @@ def test_mixture_draws_its_configured_proportions(local_sets: tuple[Path, Path])
     assert abs(from_a / total - 0.25) < 0.066, (from_a, total)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("sample_by", "documents"), [("document", 2), ("paragraph", 5), ("line", 7)])
 def test_sample_by_splits_text_files(
     sample_by: str, documents: int, corpus: tuple[Path, Path], tmp_path: Path
@@ -427,7 +421,6 @@ def test_sample_by_splits_text_files(
     assert (summary.skipped.get("empty", 0) > 0) == (sample_by == "line")
 
 
-@pytest.mark.slow
 def test_prepare_data_cli_takes_sample_by(corpus: tuple[Path, Path], tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("one\n\ntwo\n")
     args = [
@@ -450,7 +443,6 @@ def test_prepare_data_cli_takes_sample_by(corpus: tuple[Path, Path], tmp_path: P
     assert not (tmp_path / "out2").exists()
 
 
-@pytest.mark.slow
 def test_training_from_s3_matches_training_from_a_local_copy(
     s3_endpoint: str, s3_dataset: str, corpus: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.test_data_remote import (  # noqa: F401 (fixtures)
     ROOT,
     corpus,
@@ -60,7 +58,6 @@ def _ce_curve(tb_dir: Path) -> dict[int, float]:
     return curve
 
 
-@pytest.mark.slow
 def test_two_nodes_train_from_s3_and_resume_exactly(s3_endpoint: str, s3_dataset: str, corpus,  # noqa: F811
                                                      tmp_path: Path) -> None:
     tok = corpus[1]

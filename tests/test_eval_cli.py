@@ -31,7 +31,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-@pytest.mark.slow
 def test_evaluate_cli_on_hf_directory(exported: Path, tmp_path: Path) -> None:
     np.save(tmp_path / "val.npy", np.random.default_rng(0).integers(0, 97, size=300))
     proc = _run(

@@ -15,7 +15,6 @@ def _char_encode(text: str) -> list[int]:
     return [ord(c) % 90 for c in text]
 
 
-@pytest.mark.slow
 def test_run_evaluation_writes_consistent_results(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = SSAForCausalLM(tiny_config(max_position_embeddings=32)).eval()

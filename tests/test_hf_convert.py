@@ -154,7 +154,6 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "llama": llama, "ckpt": ckpt}
 
 
-@pytest.mark.slow
 def test_llama_megatron_hf_round_trip_is_lossless(converted: dict) -> None:
     root, ckpt = converted["root"], converted["ckpt"]
     layout = json.loads((ckpt / "iter_0000000" / "complete.json").read_text())
@@ -187,7 +186,6 @@ def test_llama_megatron_hf_round_trip_is_lossless(converted: dict) -> None:
         )
 
 
-@pytest.mark.slow
 def test_export_refuses_damaged_checkpoints_and_wrong_tokenizers(converted: dict, tmp_path: Path) -> None:
     from tokenizers import Tokenizer, models
 
@@ -223,7 +221,6 @@ def test_export_refuses_damaged_checkpoints_and_wrong_tokenizers(converted: dict
         export_checkpoint_to_hf(wrong, tmp_path / "o4")
 
 
-@pytest.mark.slow
 def test_evaluate_cli_reads_megatron_checkpoints(converted: dict, tmp_path: Path) -> None:
     import numpy as np
 

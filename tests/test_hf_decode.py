@@ -53,7 +53,6 @@ def test_greedy_decode_equals_rerunning_sparse_mode_pytorch_path() -> None:
     assert torch.equal(cached, rerun)
 
 
-@pytest.mark.slow
 def test_greedy_decode_equals_rerun_on_the_shipped_triton_kernels(tmp_path) -> None:
     # The exported directory's kernel copy, in the Triton interpreter (use_kernels="always").
     ship_kernels(tmp_path)

@@ -16,7 +16,6 @@ from tests.run_helpers import PREFILL_KERNELS, load_tool
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 def test_decode_benchmark_times_both_modes_and_counts_bytes(tmp_path: Path) -> None:
     out = tmp_path / "decode.json"
     cmd = [sys.executable, str(ROOT / "tools" / "bench_inference.py"), "--config",

@@ -80,7 +80,6 @@ ISOLATED = textwrap.dedent(
 TEXTS = ["Hello world", "  two  spaces\nand a newline", "digits 12345 and 3.14", "unicode \u00e9\u65e5", ""]
 
 
-@pytest.mark.slow
 def test_exported_directory_loads_tokenizes_and_generates_in_a_clean_environment(tmp_path: Path) -> None:
     import sentencepiece as spm
 

@@ -92,7 +92,6 @@ def _samples(out: Path, task: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.slow
 def test_lm_eval_cli_scores_an_exported_model_in_the_requested_mode(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -127,7 +126,6 @@ def test_lm_eval_cli_scores_an_exported_model_in_the_requested_mode(tmp_path: Pa
         assert sample["resps"][0][0] == text
 
 
-@pytest.mark.slow
 def test_evaluate_cli_runs_lm_eval_tasks_on_an_export(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 

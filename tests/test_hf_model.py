@@ -81,7 +81,6 @@ def test_cached_decoding_equals_no_cache_forward(model: SSAForCausalLM, mode: st
     torch.testing.assert_close(torch.cat(pieces, dim=1), reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sparse", "full"])
 def test_generate_with_cache_equals_without(model: SSAForCausalLM, mode: str) -> None:
     prompt = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
@@ -187,7 +186,6 @@ class _TritonOps:
         return kernels.ssa.sparse_attention(*args, backend="triton", **kwargs)
 
 
-@pytest.mark.slow
 def test_model_on_triton_kernels_matches_pytorch_path_with_cache() -> None:
     torch.manual_seed(10)
     shape = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1}  # head dim 16 for the tiles

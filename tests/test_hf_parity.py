@@ -55,7 +55,6 @@ def megatron_runs() -> dict:
     return {"ids": ids, **run_distributed(_megatron_logits, 1, (ids,))[0]}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False])
 def test_megatron_and_hf_logits_agree(megatron_runs: dict, tied: bool) -> None:
     ids, ref = megatron_runs["ids"], megatron_runs[tied]

@@ -176,7 +176,6 @@ def _schedules_body(rank: int, world_size: int) -> None:
         torch.testing.assert_close(grads[name], want, msg=name)
 
 
-@pytest.mark.slow
 def test_megatron_schedules_no_pipelining_and_pp2_on_cpu() -> None:
     if torch.cuda.is_available():
         pytest.skip("CPU path; the GPU path is megatron's own")

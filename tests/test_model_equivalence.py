@@ -195,7 +195,6 @@ def _equivalence_body(rank: int, world_size: int, tp: int, pp: int, cp: int, ker
 RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("tp", "pp", "cp", "target_overrides"),
     [(2, 1, 1, RECOMPUTE), (1, 1, 2, None), (1, 2, 1, None), (2, 1, 2, None)],
@@ -210,7 +209,6 @@ def test_parallel_layout_matches_single_rank(
     run_distributed(_equivalence_body, world_size=tp * pp * cp, args=args)
 
 
-@pytest.mark.slow
 def test_virtual_pipeline_matches_single_rank() -> None:
     """PP=2 with two virtual stages each (4 layers, megatron's interleaved 1F1B), SSA mode only."""
     if torch.cuda.is_available():

@@ -30,7 +30,6 @@ def _both_backends(rank: int, world_size: int) -> dict:
     return results
 
 
-@pytest.mark.slow
 def test_sparse_model_matches_reference_on_triton_kernels() -> None:
     (results,) = run_distributed(_both_backends, world_size=1)
     want, got = results["naive"], results["triton"]
@@ -60,7 +59,6 @@ def _flash_dense_body(rank: int, world_size: int, document_causal: bool) -> None
     _equivalence_body(rank, world_size, 1, 1, 2, "triton", CPU_TOL, None, 2, (("full", document_causal),))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("document_causal", [False, True], ids=["causal", "document-causal"])
 def test_context_parallel_chunks_on_the_flash_dense_path(document_causal: bool) -> None:
     run_distributed(_flash_dense_body, world_size=2, args=(document_causal,))

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_distributed
-from tests.run_helpers import TINY_MODEL, flags
+from tests.run_helpers import TINY_MODEL, default_and_slow, flags
 from tests.test_training_golden_curve import build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,8 +151,9 @@ def _history(rank: int, world: int, args: list[str]) -> list[tuple[float, float,
     return [(h["ce_loss"], h["align_loss"], h["lr"]) for h in result.history]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("point", ["written", "latest"])
+# Killed after `latest` moved in the default run; before it (the save's files written, `latest` not yet
+# moved) with -m slow: the protocol test above covers every step of that kind without training.
+@pytest.mark.parametrize("point", default_and_slow(["written", "latest"], default=["latest"]))
 def test_killed_save_resumes_bitwise(data_dir: str, tmp_path: Path, point: str) -> None:
     ckpt = tmp_path / "ckpt"
     # Every run has the same schedule (6 iterations); stop_after cuts the first two short.
@@ -175,7 +176,7 @@ def test_killed_save_resumes_bitwise(data_dir: str, tmp_path: Path, point: str) 
     assert not any(p.name.endswith((".partial", ".old")) for p in ckpt.iterdir())
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # its recovery step is in the protocol test (resave-old_aside); this adds a real run
 def test_resave_killed_with_old_aside_recovers_and_resumes_bitwise(data_dir: str, tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     common = ("--checkpoint.save_interval", "2", "--train.train_iters", "6", "--train.stop_after", "4")
@@ -196,7 +197,6 @@ def test_resave_killed_with_old_aside_recovers_and_resumes_bitwise(data_dir: str
     assert (ckpt / "iter_0000004" / "complete.json").exists() and not (ckpt / "iter_0000004.old").exists()
 
 
-@pytest.mark.slow
 def test_no_writer_outlives_a_killed_trainer(data_dir: str, tmp_path: Path) -> None:
     pids = tmp_path / "writer_pids"
     proc = cli(
@@ -257,8 +257,14 @@ def _signal_at_iteration(proc: subprocess.Popen, signals: list[int], iteration: 
     return "".join(lines) + rest
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+# SIGTERM (what a scheduler sends) in the default run; the first Ctrl-C takes the same handler (slow).
+@pytest.mark.parametrize(
+    "sig",
+    [
+        pytest.param(signal.SIGINT, id="sigint", marks=pytest.mark.slow),
+        pytest.param(signal.SIGTERM, id="sigterm"),
+    ],
+)
 def test_signal_finishes_the_step_saves_once_and_exits_0(data_dir: str, tmp_path: Path, sig: int) -> None:
     ckpt = tmp_path / "ckpt"
     proc = _start(cli_args(data_dir, str(ckpt), "--checkpoint.load", "none", "--train.train_iters", "500"))
@@ -270,7 +276,6 @@ def test_signal_finishes_the_step_saves_once_and_exits_0(data_dir: str, tmp_path
     assert 2 <= int(name.split("_")[1]) < 500 and (ckpt / name / "complete.json").exists()
 
 
-@pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once(data_dir: str, tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     proc = _start(cli_args(data_dir, str(ckpt), "--checkpoint.load", "none", "--train.train_iters", "500"))
@@ -369,8 +374,16 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", BAD_INPUTS)
+# One case of each kind in the default run (a bad checkpoint.dir, a bad `latest`, a damaged file, a crafted
+# pickle, a model that does not fit); every case with -m slow.
+@pytest.mark.parametrize(
+    "name",
+    default_and_slow(
+        BAD_INPUTS,
+        default=("dir_is_a_file", "dangling_latest", "truncated_shard", "crafted_train_state",
+                 "vocab_mismatch"),
+    ),
+)
 def test_bad_input_exits_with_one_line_and_changes_nothing(
     data_dir: str, good_checkpoint: Path, tmp_path: Path, name: str
 ) -> None:
@@ -386,7 +399,6 @@ def test_bad_input_exits_with_one_line_and_changes_nothing(
     assert not (tmp_path / "pwned").exists(), "a crafted checkpoint executed code"
 
 
-@pytest.mark.slow
 def test_rerun_resumes_and_overwrite_starts_afresh(
     data_dir: str, good_checkpoint: Path, tmp_path: Path
 ) -> None:

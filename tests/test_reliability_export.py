@@ -22,7 +22,7 @@ from ssa_megatron.convert.export import save_hf_directory
 from ssa_megatron.convert.presets import tiny_config
 from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
 from tests.hf_export_helpers import MODEL_VOCAB, train_tokenizer
-from tests.run_helpers import write_packed_split
+from tests.run_helpers import default_and_slow, write_packed_split
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 96
@@ -138,8 +138,19 @@ def _tree_hash(*roots: Path) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(CASES))
+# Per tool, one case of each kind in the default run (a usage error, a damaged input, a mismatched or
+# wrong kind of input); every case with -m slow.
+@pytest.mark.parametrize(
+    "case",
+    default_and_slow(
+        CASES,
+        default=(
+            "to_hf_out_not_empty", "to_hf_truncated_shard", "to_hf_wrong_tokenizer",
+            "from_hf_truncated_weights", "from_hf_tp_does_not_divide",
+            "eval_jsonl_without_text", "eval_harness_on_megatron_checkpoint",
+        ),
+    ),
+)
 def test_cli_refuses_bad_input_in_one_line_and_changes_nothing(
     world: dict[str, Path], tmp_path: Path, case: str
 ) -> None:
@@ -160,7 +171,6 @@ def test_cli_refuses_bad_input_in_one_line_and_changes_nothing(
     assert _tree_hash(world["root"], tmp_path) == before
 
 
-@pytest.mark.slow
 def test_evaluate_scores_jsonl_documents_as_their_tokens(world: dict[str, Path], tmp_path: Path) -> None:
     """A JSONL file is read as documents (each tokenized and ended with EOS), not scored as raw text: it gives
     exactly the perplexity of the same token ids given as .npy."""
@@ -187,7 +197,6 @@ def test_evaluate_scores_jsonl_documents_as_their_tokens(world: dict[str, Path],
     assert ppl["docs.jsonl"] == ppl["docs.npy"]
 
 
-@pytest.mark.slow
 def test_llama_import_config_trains_as_is_once_data_path_is_given(world: dict[str, Path]) -> None:
     from ssa_megatron.training.checkpoint import resolve_checkpoint
     from ssa_megatron.training.config import load_config
@@ -206,7 +215,6 @@ def test_llama_import_config_trains_as_is_once_data_path_is_given(world: dict[st
         load_config(config, warn=lambda line: None)
 
 
-@pytest.mark.slow
 def test_a_successful_export_prints_no_third_party_noise(world: dict[str, Path], tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "convert_to_hf.py"), "--checkpoint", str(world["ckpt"]),

@@ -26,6 +26,7 @@ from ssa_megatron.data.tokenizer import (
     tokenizer_fingerprint,
     write_fingerprint,
 )
+from tests.run_helpers import default_and_slow
 from tests.test_data_common import build_shards, build_tokenizer, random_documents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,8 +121,15 @@ def _pretrain_args(world: dict[str, Path], ckpt: Path, *extra: str) -> list[str]
             "--data.build_demo", "false", *args, *extra]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", ["shards", "checkpoint", "demo_params", "demo_foreign", "bad_record"])
+# A tokenizer that is not the data's or the checkpoint's, and demo data of other parameters, in the default
+# run; a foreign directory taken for demo data and a damaged record with -m slow.
+@pytest.mark.parametrize(
+    "case",
+    default_and_slow(
+        ["shards", "checkpoint", "demo_params", "demo_foreign", "bad_record"],
+        default=("shards", "checkpoint", "demo_params"),
+    ),
+)
 def test_pretrain_refuses(case: str, world: dict[str, Path], tmp_path: Path) -> None:
     fresh = tmp_path / "fresh_ckpt"
     if case == "shards":  # tokenizer B on shards written by A
@@ -212,7 +220,6 @@ def test_convert_to_hf_refuses_to_ship_another_tokenizer(
     assert _snapshot(world["base"], tmp_path) == before and not out.exists()
 
 
-@pytest.mark.slow
 def test_a_saved_checkpoint_records_its_tokenizer_and_refuses_another_at_resume(
     world: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.run_helpers import CPU_FP32, flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +89,6 @@ def _build(out: Path, tree: Path, *extra: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
 def test_build_corpus_is_reproducible_and_skips_kernel_docs(tmp_path: Path) -> None:
     tree = _doc_tree(tmp_path / "share")
     first = _build(tmp_path / "a", tree)
@@ -161,7 +158,6 @@ TOY = flags(
 )
 
 
-@pytest.mark.slow
 def test_repro_recipe_end_to_end_on_cpu(tmp_path: Path) -> None:
     """The user's path at toy size: corpus, two modes trained concurrently, evaluated, compared."""
     tree = _doc_tree(tmp_path / "share")

@@ -144,7 +144,6 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return root, result
 
 
-@pytest.mark.slow
 def test_roundtrip_restores_everything(saved: tuple[Path, dict]) -> None:
     root, r = saved
     assert r["differed_before"], "the fresh model must start from other weights for the test to mean anything"
@@ -191,7 +190,6 @@ def _damage(root: Path, dst: Path, damage: str) -> tuple[str, str, str]:
     return str(dst.parent), str(dst), "neither a checkpoint"
 
 
-@pytest.mark.slow
 def test_broken_checkpoints_give_clear_errors(saved: tuple[Path, dict], tmp_path: Path) -> None:
     damages = [
         "partial_save",

@@ -32,7 +32,6 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
 def test_unknown_flag_and_bad_values_exit_2() -> None:
     proc = _cli("--config", "examples/tiny_cpu.yaml", "--definitely-not-a-flag")
     assert proc.returncode == 2 and "unrecognized arguments: --definitely-not-a-flag" in proc.stderr
@@ -43,11 +42,10 @@ def test_unknown_flag_and_bad_values_exit_2() -> None:
     assert proc.returncode == 2 and "--config is required" in proc.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (
+        pytest.param(
             [
                 "--data.path",
                 "/nonexistent/shards",
@@ -57,13 +55,15 @@ def test_unknown_flag_and_bad_values_exit_2() -> None:
                 "/x.model",
             ],
             "data.path='/nonexistent/shards' has no train/index.json",
+            id="data",
         ),
-        (
+        pytest.param(
             ["--data.tokenizer", "/nonexistent/tok.model"],
             "data.tokenizer='/nonexistent/tok.model' does not exist",
+            marks=pytest.mark.slow,  # the same early check as the missing data; -m slow
+            id="tokenizer",
         ),
     ],
-    ids=["data", "tokenizer"],
 )
 def test_missing_inputs_fail_before_the_model_is_built(
     demo_dir: str,  # noqa: F811
@@ -106,7 +106,6 @@ def _diverge(rank: int, world: int, data_dir: str) -> dict[str, str]:
     return out
 
 
-@pytest.mark.slow
 def test_nan_policy_stop_and_skip(demo_dir: str) -> None:  # noqa: F811
     (out,) = run_distributed(_diverge, world_size=1, args=(demo_dir,))
     assert "non-finite" in out["stop"] and "train.nan_policy=stop" in out["stop"], out

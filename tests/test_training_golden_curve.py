@@ -14,8 +14,6 @@ import json
 import random
 from pathlib import Path
 
-import pytest
-
 from tests.distributed import run_distributed
 from tests.run_helpers import CPU_FP32, NO_OUTPUT_RUN, TINY_MODEL, TINY_SCHEDULE, flags
 
@@ -105,7 +103,6 @@ def _curve(rank: int, world: int, data_dir: str) -> list[tuple[str, str, str]]:
     return [(float.hex(h["ce_loss"]), float.hex(h["align_loss"]), float.hex(h["lr"])) for h in result.history]
 
 
-@pytest.mark.slow
 def test_golden_loss_curve(tmp_path: Path) -> None:
     data = build_dataset(tmp_path)
     (curve,) = run_distributed(_curve, world_size=1, args=(str(data),))

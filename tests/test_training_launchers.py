@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 from typing import IO
 
-import pytest
-
 from tests.distributed import free_port
 from tests.test_training_loss import demo_dir, tiny_overrides  # noqa: F401 (fixture)
 
@@ -42,7 +40,6 @@ def _ce_values(log: str) -> list[float]:
     return [float(row["ce"]) for row in parse_rows(log)]
 
 
-@pytest.mark.slow
 def test_deepspeed_launcher_trains_with_zero1(demo_dir: str, tmp_path: Path) -> None:  # noqa: F811
     ckpt = tmp_path / "ckpt"
     cmd = [
@@ -101,7 +98,6 @@ def _node_tmp(tmp_path: Path, node: int) -> Path:
     return node_tmp
 
 
-@pytest.mark.slow
 def test_two_torchrun_agents_with_c10d_rendezvous(demo_dir: str, tmp_path: Path) -> None:  # noqa: F811
     port = free_port()
     agents = []

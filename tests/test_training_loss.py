@@ -87,7 +87,6 @@ def _three_modes(rank: int, world: int, data_dir: str) -> dict[str, dict]:
     }
 
 
-@pytest.mark.slow
 def test_loss_decreases_for_every_attention_mode(demo_dir: str) -> None:
     (results,) = run_distributed(_three_modes, world_size=1, args=(demo_dir,))
     for mode, r in results.items():

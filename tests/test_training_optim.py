@@ -140,7 +140,6 @@ def _from_unfused_checkpoint(rank: int, world: int, root: str) -> dict:
     return result
 
 
-@pytest.mark.slow
 def test_fused_adamw_resumes_bit_exactly(tmp_path: Path) -> None:
     (r,) = run_distributed(_resume, world_size=1, args=(str(tmp_path / "ckpt"),))
     # Megatron groups the params by weight decay into a ChainedOptimizer of torch AdamWs.
@@ -172,7 +171,6 @@ def test_gpu_distributed_optimizer_resumes_bit_exactly(tmp_path: Path) -> None:
     assert r["bitwise"]
 
 
-@pytest.mark.slow
 def test_checkpoint_of_unfused_optimizer_loads_fused(tmp_path: Path) -> None:
     (r,) = run_distributed(_from_unfused_checkpoint, world_size=1, args=(str(tmp_path / "ckpt"),))
     assert not r["old_ran_fused"], "the old-style optimizer must really have run another kernel"

@@ -64,7 +64,6 @@ def reference(demo_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     return ckpt_dir, ce
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout",
     [["--parallel.tensor", "2"], ["--parallel.pipeline", "2"], ["--parallel.context", "2"]],

@@ -3,8 +3,6 @@ equal those of an uninterrupted run; the resumed run also restores the LR schedu
 
 from __future__ import annotations
 
-import pytest
-
 from tests.distributed import run_distributed
 from tests.test_training_loss import demo_dir, run_config, tiny_overrides  # noqa: F401 (fixture)
 
@@ -41,7 +39,6 @@ def _runs(rank: int, world: int, data_dir: str, ckpt_dir: str) -> dict[str, list
     }
 
 
-@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(demo_dir: str, tmp_path) -> None:  # noqa: F811
     (r,) = run_distributed(_runs, world_size=1, args=(demo_dir, str(tmp_path / "ckpt")))
     assert [h["iteration"] for h in r["first"]] == [1, 2, 3]
