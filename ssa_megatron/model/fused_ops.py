@@ -118,9 +118,15 @@ class FusedRMSNorm(torch.nn.Module):
 class FusedSwiGLUMLP(MLP):
     """megatron's dense MLP whose SwiGLU (SiLU(gate) * up over fc1's ``[gate | up]`` output) is
     Liger's one-kernel gate-up SiLU-multiply (the kernel ``liger_kernel.megatron.LigerMegatronSwiGLU``
-    runs); fc1/fc2 are megatron's. Elementwise per TP shard, so any TP size fits."""
+    runs); fc1/fc2 are megatron's. Elementwise per TP shard, so any TP size fits.
 
-    def __init__(self, config: Any, submodules: Any, **kwargs: Any) -> None:
+    ``submodules`` defaults to the local spec's (``ColumnParallelLinear`` fc1, ``RowParallelLinear``
+    fc2), so a layer spec names the bare class: megatron's ``TransformerLayer`` passes its TP group
+    only to a ``ModuleSpec`` of exactly ``MLP`` and warns for any other, while the bare class builds
+    with the default TP group, the one this project's layers use.
+    """
+
+    def __init__(self, config: Any, submodules: Any = None, **kwargs: Any) -> None:
         swiglu = config.gated_linear_unit and config.activation_func is F.silu
         clamp, offset = config.activation_func_clamp_value, config.glu_linear_offset
         if not swiglu or config.add_bias_linear or clamp is not None or offset:
@@ -128,6 +134,11 @@ class FusedSwiGLUMLP(MLP):
                 "FusedSwiGLUMLP is a bias-free SwiGLU (gated SiLU, no clamp or linear offset); this "
                 "config's MLP is not: set model.fused_ops=off"
             )
+        if submodules is None:
+            from megatron.core.models.backends import LocalSpecProvider
+            from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
+
+            submodules = get_mlp_module_spec_for_backend(LocalSpecProvider()).submodules
         super().__init__(config, submodules, **kwargs)
 
     def forward(

@@ -58,7 +58,7 @@ def get_ssa_layer_spec(config: SSATransformerConfig, use_te: bool | None = None)
     mlp = get_mlp_module_spec_for_backend(backend=backend)
     if _fused(config, backend):
         norm = fused_ops.FusedRMSNorm
-        mlp = ModuleSpec(module=fused_ops.FusedSwiGLUMLP, submodules=mlp.submodules)
+        mlp = fused_ops.FusedSwiGLUMLP
     # TE's MLP spec fuses the pre-MLP norm into fc1; the local one needs it as its own module.
     pre_mlp_norm = IdentityOp if backend.fuse_layernorm_and_linear() else norm
     attention = ModuleSpec(
