@@ -107,10 +107,10 @@ def _launch(jobs: list[str], procs: int, shards: tuple[Path, Path], base: Path) 
     return curves
 
 
-# Under torchrun (2 ranks a job, what shares a node's streaming state most) in the default run; single
-# processes with -m slow.
+# Single-process jobs in the default run; jobs of 2 torchrun ranks with -m slow (jobs of 2 ranks racing
+# for a node's streaming state are also what test_data_isolation.py checks, at the loaders).
 @pytest.mark.parametrize(
-    "procs", [pytest.param(1, id="single", marks=pytest.mark.slow), pytest.param(2, id="torchrun2")]
+    "procs", [pytest.param(1, id="single"), pytest.param(2, id="torchrun2", marks=pytest.mark.slow)]
 )
 def test_three_way_comparison_in_parallel_matches_solo_runs(procs: int, shards: tuple[Path, Path],
                                                             tmp_path: Path) -> None:
