@@ -141,6 +141,17 @@ def test_fused_model_matches_megatron_on_cpu(single_rank: None, fused_on: None) 
         assert _rel(grads[name], ref) < 1e-4, name
 
 
+def test_fused_loss_only_on_the_last_stage(single_rank: None, fused_on: None) -> None:
+    """A pipeline stage without the output layer hands its hidden states on, labels or not."""
+    from ssa_megatron.model.gpt import build_model
+
+    first_stage = build_model(tiny_config("full"), VOCAB, 64, pre_process=True, post_process=False)
+    batch = _batch(VOCAB, 2, 64)
+    out = first_stage(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                      loss_mask=batch["loss_mask"])  # fmt: skip
+    assert out.shape == (64, 2, 64)
+
+
 def _megatron_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """megatron's LM loss at TP=1: logits in the weights' dtype, vocab-parallel CE in fp32, ``[b, s]``."""
     from megatron.core import tensor_parallel

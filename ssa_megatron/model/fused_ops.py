@@ -187,7 +187,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[1] and grad_weight is not None:
             # The first kept token's upstream gradient (any token's when none is kept: then the
             # weight gradient is zero anyway); no host sync.
-            scale = grad_loss.gather(0, kept.to(torch.uint8).argmax().view(1)).view(())
+            scale = grad_loss.gather(0, kept.to(torch.int32).argmax().view(1)).view(())
             torch._assert_async(
                 torch.all((grad_loss == scale) | ~kept),
                 "fused LM loss: the kept tokens' loss gradients differ; the fused weight gradient "

@@ -54,9 +54,10 @@ class SSAGPTModel(GPTModel):
         self, hidden_states: Tensor, labels: Tensor | None = None, loss_mask: Tensor | None = None,
         **kwargs: object,
     ) -> Tensor:  # fmt: skip
-        # megatron calls this with keywords only; its other arguments serve MTP and inference.
+        # megatron calls this with keywords only; its other arguments serve MTP and inference. A stage
+        # before the last returns its hidden states (megatron's path).
         fused = (
-            labels is not None and loss_mask is not None and not self.mtp_process
+            self.post_process and labels is not None and loss_mask is not None and not self.mtp_process
             and fused_ops.runs_triton(hidden_states) and fused_ops.fused_lm_loss_enabled(self.config)
         )  # fmt: skip
         if not fused:
