@@ -109,3 +109,22 @@ def test_bench_train_rejects_bad_authors_paths(tmp_path: Path) -> None:
     proc = _run_tool("bench_train.py", *config, "--authors-repo", str(authors), "--nsa-repo", str(nsa),
                      "--authors-site", str(tmp_path / "site"))  # fmt: skip
     _assert_one_line_usage_error(proc, "--authors-site", str(tmp_path / "site"), "no such folder")
+
+
+def test_sparse_over_dense_device_times_both_calls_on_the_same_inputs() -> None:
+    import torch
+
+    from ssa_megatron.benchmarking import attention_inputs, sparse_over_dense_device
+
+    q, k, v, do = attention_inputs(64, 4, 2, 16, device="cpu")
+    assert [tuple(x.shape) for x in (q, k, v, do)] == [(1, 64, 4, 16), (1, 64, 2, 16), (1, 64, 2, 16),
+                                                       (1, 64, 4, 16)]  # fmt: skip
+    assert q.dtype == torch.bfloat16 and q.requires_grad and not do.requires_grad
+    # Seeded by the length: the same inputs on every call.
+    assert torch.equal(attention_inputs(64, 4, 2, 16, device="cpu")[0], q)
+    row = sparse_over_dense_device(q, k, v, do, block_size=16, block_count=2, reps=1)
+    assert row["sdpa_fwdbwd_device_ms"] > 0 and row["sparse_fwdbwd_device_ms"] > 0
+    ratio = row["sparse_fwdbwd_device_ms"] / row["sdpa_fwdbwd_device_ms"]
+    assert row["sparse_over_dense_device"] == pytest.approx(ratio)
+    # Gradients are returned, not accumulated on the inputs.
+    assert q.grad is None and k.grad is None

@@ -1,6 +1,10 @@
 """Time the SSA authors' own 1B training step (zhenyi4/ssa) on one GPU, for comparison with ours.
 
-    python tools/authors_step.py --authors-repo third_party/ssa \
+    git clone https://github.com/zhenyi4/ssa third_party/ssa
+    git clone https://github.com/fla-org/native-sparse-attention third_party/native-sparse-attention
+    pip install --no-deps --target third_party/authors_site transformers==4.54.0 tokenizers==0.21.4 \
+        huggingface-hub==0.34.4 liger-kernel==0.8.5 fla-core==0.6.0
+    PYTHONPATH=third_party/authors_site python tools/authors_step.py --authors-repo third_party/ssa \
         --nsa-repo third_party/native-sparse-attention --seq-lengths 8192 32768
 
 Their model (configs/ssa-1b-init: LlamaNSAForCausalLM, 16 layers, hidden 2048, 32/2 heads of 64,
@@ -8,8 +12,10 @@ vocab 128256, 16 blocks of 16) is assembled from the two checkouts in a temporar
 configuration and modeling files as one package, and fla-org/native-sparse-attention's ``ops``
 with their ``hf_files/parallel.py`` in place of its own (as their README instructs). Nothing of
 theirs enters this repository. It imports liger_kernel, fla (fla-core) and einops, and was written
-for transformers 4.54; where the installed transformers is newer, put a 4.5x one first on
-PYTHONPATH for this process only (``tools/bench_train.py --authors-site`` does).
+for transformers 4.54: on 5.x it imports but does not build (its rotary embedding looks up
+``ROPE_INIT_FUNCTIONS["default"]``, which 5.x dropped). Where the installed transformers is 5.x,
+put a 4.5x one first on PYTHONPATH for this process only (``tools/bench_train.py --authors-site``
+does).
 
 The model is built in bf16 on the GPU with random init and timed on synthetic tokens (batch 1),
 with CUDA events (median after warm-up): their forward with the SSA alignment loss plus backward,
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import random
@@ -90,9 +97,15 @@ def assemble(authors: Path, nsa: Path, into: Path) -> None:
         (model / name).symlink_to(authors / AUTHORS_MODEL_DIR / name)
 
 
-def commit_of(repo: Path) -> str | None:
-    proc = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return proc.stdout.strip() if proc.returncode == 0 else None
+def provenance(repo: Path, files: tuple[Path, ...]) -> dict[str, Any]:
+    """The checkout's git commit (None for an export without its own .git) and the sha256 of each
+    file used, which name the code timed either way."""
+    commit = None
+    if (repo / ".git").exists():
+        proc = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+        commit = proc.stdout.strip() if proc.returncode == 0 else None
+    hashes = {str(f): hashlib.sha256((repo / f).read_bytes()).hexdigest() for f in files}
+    return {"commit": commit, "sha256": hashes}
 
 
 def build_model(args: argparse.Namespace, device: Any) -> Any:
@@ -182,7 +195,7 @@ def versions() -> dict[str, str | None]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from ssa_megatron.benchmarking import environment
+    from ssa_megatron.benchmarking import AUTHORS_FILES, NSA_FILES, environment
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     random.seed(0)  # their forward draws the main branch with random.random()
@@ -194,8 +207,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         **environment(),
         "what": "SSA authors' LlamaNSAForCausalLM training step (zhenyi4/ssa configs/ssa-1b-init), batch 1",
-        "authors_commit": commit_of(args.authors_repo),
-        "nsa_commit": commit_of(args.nsa_repo),
+        "authors_code": provenance(args.authors_repo, AUTHORS_FILES),
+        "nsa_code": provenance(args.nsa_repo, NSA_FILES),
         "model": "tiny (CPU check)" if args.tiny else "ssa-1b-init",
         "parameters": sum(p.numel() for p in model.parameters()),
         "attn_implementation": "sdpa (flash_attn, which their training uses, is not installed here)",
@@ -213,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"authors_step: {exc}", file=sys.stderr)
         return 2
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        print(f"authors_step: their model needs transformers 4.x, found {transformers.__version__}; put a "
+              "4.5x first on PYTHONPATH (bench_train.py --authors-site FOLDER)", file=sys.stderr)
+        return 1
     result = run(args)
     text = json.dumps(result, indent=2, default=str)
     if args.out is None:
