@@ -239,7 +239,8 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, i
 
 
 def _tol(dtype: torch.dtype) -> float:
-    return 1e-5 if dtype == torch.float32 else 1e-2
+    # Relative L2 error; fp32 differs by summation order only (chunked vs whole matmuls, kernel reductions).
+    return 1e-4 if dtype == torch.float32 else 1e-2
 
 
 @pytest.mark.gpu
