@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.test_data_remote import (  # noqa: F401 (fixtures)
     ROOT,
     corpus,
@@ -58,6 +60,10 @@ def _ce_curve(tb_dir: Path) -> dict[int, float]:
     return curve
 
 
+# Three jobs of 4 processes: with -m slow. Each part is in the default run on its own: two torchrun agents
+# (test_training_launchers.py), two nodes resuming exactly (test_data_distributed.py), training from s3://
+# equal to training from a local copy (test_data_remote.py).
+@pytest.mark.slow
 def test_two_nodes_train_from_s3_and_resume_exactly(s3_endpoint: str, s3_dataset: str, corpus,  # noqa: F811
                                                      tmp_path: Path) -> None:
     tok = corpus[1]
