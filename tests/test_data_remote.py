@@ -446,16 +446,25 @@ def test_prepare_data_cli_takes_sample_by(corpus: tuple[Path, Path], tmp_path: P
 def test_training_from_s3_matches_training_from_a_local_copy(
     s3_endpoint: str, s3_dataset: str, corpus: tuple[Path, Path], tmp_path: Path
 ) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     tok = corpus[1]
-    remote = run_tool(
-        tiny_train_args(["--data.path", s3_dataset], tok, tmp_path / "s3run"), s3_env(s3_endpoint)
-    )
+    local = tmp_path / "copy"
+    download_set(s3_endpoint, local)
+    # Both runs at once: independent processes, each mostly one core.
+    with ThreadPoolExecutor(2) as pool:
+        remote_run = pool.submit(
+            run_tool,
+            tiny_train_args(["--data.path", s3_dataset], tok, tmp_path / "s3run"),
+            s3_env(s3_endpoint),
+        )
+        plain_run = pool.submit(
+            run_tool, tiny_train_args(["--data.path", str(local)], tok, tmp_path / "localrun"), clean_env()
+        )
+        remote, plain = remote_run.result(), plain_run.result()
     assert remote.returncode == 0, remote.stderr[-3000:]
     cache = tmp_path / "s3run" / "ckpt" / "data_cache"
     assert any(p.name.startswith("shard.") for d in cache.iterdir() for p in d.iterdir())
-    local = tmp_path / "copy"
-    download_set(s3_endpoint, local)
-    plain = run_tool(tiny_train_args(["--data.path", str(local)], tok, tmp_path / "localrun"), clean_env())
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert losses(remote.stdout) == losses(plain.stdout) and len(losses(plain.stdout)) == 4
     assert "s3cr3t-v4lue" not in remote.stdout + remote.stderr  # credentials are never printed
