@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -92,23 +93,53 @@ def _samples(out: Path, task: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_lm_eval_cli_scores_an_exported_model_in_the_requested_mode(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One export and its tasks; the `lm_eval` CLI and evaluate.py on them, started together (each
+    process mostly one core), each in a directory and HF cache of its own."""
+    root = tmp_path_factory.mktemp("lmeval")
+    model, export = _exported(root)
+    tasks = _tasks(root)
+    model_args = f"pretrained={export},trust_remote_code=True,attention_mode=full"
+    cli = Path(sys.executable).with_name("lm_eval")
+    commands = {
+        "lm_eval": [str(cli), "--model", "hf", "--model_args", model_args,
+                    "--tasks", "ssa_tiny_mc,ssa_tiny_gen", "--include_path", str(tasks), "--device", "cpu",
+                    "--batch_size", "1", "--output_path", str(root / "lm_eval" / "out"), "--log_samples"],
+        "evaluate": [sys.executable, str(ROOT / "tools" / "evaluate.py"), "--checkpoint", str(export),
+                     "--out", str(root / "evaluate" / "eval"), "--lm-eval-tasks", "ssa_tiny_mc",
+                     "--lm-eval-include", str(tasks), "--lm-eval-modes", "sparse", "--device", "cpu"],
+    }  # fmt: skip
+    procs = {}
+    for name, cmd in commands.items():
+        cwd = root / name
+        cwd.mkdir()
+        with open(cwd / "stdout", "w") as out, open(cwd / "stderr", "w") as err:
+            procs[name] = subprocess.Popen(cmd, cwd=cwd, env=_offline_env(cwd), stdout=out, stderr=err)
+    yield {"model": model, "export": export, "tasks": tasks, "root": root, "procs": procs}
+    for proc in procs.values():
+        proc.kill()
+        proc.wait()
+
+
+def _finished(runs: dict, name: str) -> subprocess.CompletedProcess:
+    """The run `name` of the fixture, waited for; its output as text."""
+    proc, cwd = runs["procs"][name], runs["root"] / name
+    proc.wait(timeout=600)
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, (cwd / "stdout").read_text(), (cwd / "stderr").read_text()
+    )
+
+
+def test_lm_eval_cli_scores_an_exported_model_in_the_requested_mode(runs: dict) -> None:
     from transformers import AutoTokenizer
 
-    model, export = _exported(tmp_path)
-    tasks = _tasks(tmp_path)
-    cli = Path(sys.executable).with_name("lm_eval")
-    model_args = f"pretrained={export},trust_remote_code=True,attention_mode=full"
-    proc = subprocess.run(
-        [str(cli), "--model", "hf", "--model_args", model_args,
-         "--tasks", "ssa_tiny_mc,ssa_tiny_gen", "--include_path", str(tasks), "--device", "cpu",
-         "--batch_size", "1", "--output_path", str(tmp_path / "out"), "--log_samples"],
-        cwd=tmp_path, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    model, export = runs["model"], runs["export"]
+    proc = _finished(runs, "lm_eval")
     assert proc.returncode == 0, proc.stderr[-4000:]
     tok = AutoTokenizer.from_pretrained(export)
     differs = False
-    for sample in _samples(tmp_path / "out", "ssa_tiny_mc"):
+    for sample in _samples(runs["root"] / "lm_eval" / "out", "ssa_tiny_mc"):
         doc = sample["doc"]
         for choice, resp in zip(doc["choices"], sample["resps"]):
             got = float(resp[0][0])
@@ -118,7 +149,7 @@ def test_lm_eval_cli_scores_an_exported_model_in_the_requested_mode(tmp_path: Pa
         scores = [float(r[0][0]) for r in sample["resps"]]
         assert sample["acc"] == float(scores.index(max(scores)) == doc["label"])
     assert differs, "attention_mode=full did not reach the model: its scores equal sparse mode's"
-    for sample in _samples(tmp_path / "out", "ssa_tiny_gen"):
+    for sample in _samples(runs["root"] / "lm_eval" / "out", "ssa_tiny_gen"):
         ids = tok(sample["doc"]["question"], add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             gen = model.generate(ids, max_new_tokens=MAX_GEN, do_sample=False, attention_mode="full")
@@ -126,19 +157,13 @@ def test_lm_eval_cli_scores_an_exported_model_in_the_requested_mode(tmp_path: Pa
         assert sample["resps"][0][0] == text
 
 
-def test_evaluate_cli_runs_lm_eval_tasks_on_an_export(tmp_path: Path) -> None:
+def test_evaluate_cli_runs_lm_eval_tasks_on_an_export(runs: dict) -> None:
     from transformers import AutoTokenizer
 
-    model, export = _exported(tmp_path)
-    tasks = _tasks(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "evaluate.py"), "--checkpoint", str(export), "--out",
-         str(tmp_path / "eval"), "--lm-eval-tasks", "ssa_tiny_mc", "--lm-eval-include", str(tasks),
-         "--lm-eval-modes", "sparse", "--device", "cpu"],
-        cwd=tmp_path, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    model, export, tasks = runs["model"], runs["export"], runs["tasks"]
+    proc = _finished(runs, "evaluate")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads((tmp_path / "eval" / "lm_eval.json").read_text())
+    results = json.loads((runs["root"] / "evaluate" / "eval" / "lm_eval.json").read_text())
     assert list(results) == ["sparse"]
     tok = AutoTokenizer.from_pretrained(export)
     docs = [json.loads(line) for line in (tasks / "mc.jsonl").read_text().splitlines()]
