@@ -78,7 +78,8 @@ def test_fused_ops_is_validated() -> None:
 
 
 def test_auto_needs_cuda_and_liger(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = tiny_config()
+    assert not fused_ops.fused_ops_enabled(tiny_config())  # off unless asked for
+    config = tiny_config(fused_ops="auto")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(fused_ops, "liger_available", lambda: True)
     assert not fused_ops.fused_ops_enabled(config)
@@ -87,7 +88,7 @@ def test_auto_needs_cuda_and_liger(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not fused_ops.fused_ops_enabled(tiny_config(fused_ops="off"))
     # The loss only where the output layer holds the whole vocabulary.
     assert fused_ops.fused_lm_loss_enabled(config)
-    assert not fused_ops.fused_lm_loss_enabled(tiny_config(tp=2))
+    assert not fused_ops.fused_lm_loss_enabled(tiny_config(tp=2, fused_ops="auto"))
     monkeypatch.setattr(fused_ops, "liger_available", lambda: False)
     assert not fused_ops.fused_ops_enabled(config)
 
@@ -98,7 +99,7 @@ def test_cpu_machine_builds_megatron_ops(single_rank: None, monkeypatch: pytest.
     from ssa_megatron.model.gpt import build_model
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    model = build_model(tiny_config("full"), VOCAB, 64)
+    model = build_model(tiny_config("full", fused_ops="auto"), VOCAB, 64)
     layer = model.decoder.layers[0]
     assert isinstance(layer.input_layernorm, torch.nn.RMSNorm)
     assert isinstance(model.decoder.final_layernorm, torch.nn.RMSNorm)
@@ -111,7 +112,7 @@ def test_cpu_machine_builds_megatron_ops(single_rank: None, monkeypatch: pytest.
 def test_fused_spec_keeps_megatron_parameter_names(single_rank: None, fused_on: None) -> None:
     from ssa_megatron.model.gpt import build_model
 
-    fused = build_model(tiny_config("full"), VOCAB, 64)
+    fused = build_model(tiny_config("full", fused_ops="auto"), VOCAB, 64)
     plain = build_model(tiny_config("full", fused_ops="off"), VOCAB, 64)
     layer = fused.decoder.layers[0]
     assert isinstance(layer.input_layernorm, fused_ops.FusedRMSNorm)
@@ -129,7 +130,7 @@ def test_fused_model_matches_megatron_on_cpu(single_rank: None, fused_on: None) 
     fused norm's CPU path, against the same weights in megatron's modules."""
     from ssa_megatron.model.gpt import build_model
 
-    fused = build_model(tiny_config("full"), VOCAB, 64).train()
+    fused = build_model(tiny_config("full", fused_ops="auto"), VOCAB, 64).train()
     plain = build_model(tiny_config("full", fused_ops="off"), VOCAB, 64).train()
     plain.load_state_dict(fused.state_dict())
     batch = _batch(VOCAB, 2, 64)
@@ -145,7 +146,8 @@ def test_fused_loss_only_on_the_last_stage(single_rank: None, fused_on: None) ->
     """A pipeline stage without the output layer hands its hidden states on, labels or not."""
     from ssa_megatron.model.gpt import build_model
 
-    first_stage = build_model(tiny_config("full"), VOCAB, 64, pre_process=True, post_process=False)
+    config = tiny_config("full", fused_ops="auto")
+    first_stage = build_model(config, VOCAB, 64, pre_process=True, post_process=False)
     batch = _batch(VOCAB, 2, 64)
     out = first_stage(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                       loss_mask=batch["loss_mask"])  # fmt: skip
@@ -214,7 +216,7 @@ def _compare_mlp(dtype: torch.dtype, device: str, hidden_size: int, ffn: int, to
     from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
     from megatron.core.transformer.mlp import MLP
 
-    config = tiny_config(hidden_size=hidden_size, ffn_hidden_size=ffn)
+    config = tiny_config(hidden_size=hidden_size, ffn_hidden_size=ffn, fused_ops="auto")
     submodules = get_mlp_module_spec_for_backend(LocalSpecProvider()).submodules
     ref = MLP(config, submodules).to(device, dtype)
     fused = fused_ops.FusedSwiGLUMLP(config, submodules).to(device, dtype)
@@ -249,7 +251,7 @@ def test_rms_norm_matches_megatron_gpu(dtype: torch.dtype) -> None:
     pytest.importorskip("liger_kernel")
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    config = tiny_config(hidden_size=2048, num_attention_heads=32)
+    config = tiny_config(hidden_size=2048, num_attention_heads=32, fused_ops="auto")
     ref = WrappedTorchNorm(config, 2048, eps=1e-5).to("cuda", dtype)
     fused = fused_ops.FusedRMSNorm(config, 2048, eps=1e-5).to("cuda", dtype)
     with torch.no_grad():
@@ -295,7 +297,7 @@ def test_training_step_fused_vs_off_gpu(single_rank: None, dtype: torch.dtype) -
     vocab, seq = 128256, 1024
     shape = dict(num_layers=2, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
                  num_query_groups=2, kernel_backend="auto", bf16=dtype == torch.bfloat16)  # fmt: skip
-    configs = tiny_config("full", **shape), tiny_config("full", fused_ops="off", **shape)
+    configs = tiny_config("full", fused_ops="auto", **shape), tiny_config("full", fused_ops="off", **shape)
     assert fused_ops.fused_lm_loss_enabled(configs[0]) and not fused_ops.fused_ops_enabled(configs[1])
     models = [build_model(config, vocab, seq) for config in configs]
     models[1].load_state_dict(models[0].state_dict())
