@@ -54,9 +54,10 @@ class UsageError(ValueError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--authors-repo", type=Path, required=True, help="checkout of github.com/zhenyi4/ssa")
-    p.add_argument("--nsa-repo", type=Path, required=True,
-                   help="checkout of github.com/fla-org/native-sparse-attention")  # fmt: skip
+    # Both checkouts are required; checked after parsing, so an unknown flag is named first.
+    p.add_argument("--authors-repo", type=Path, help="checkout of github.com/zhenyi4/ssa (required)")
+    p.add_argument("--nsa-repo", type=Path,
+                   help="checkout of github.com/fla-org/native-sparse-attention (required)")  # fmt: skip
     p.add_argument("--seq-lengths", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--checkpoint-at", type=int, default=32768,
                    help="sequence length from which their gradient checkpointing is on")  # fmt: skip
@@ -65,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a 2-layer toy model (CPU check of the assembly)")
     p.add_argument("--out", type=Path, help="JSON path (default: print it)")
     args = p.parse_args(argv)
+    if args.authors_repo is None or args.nsa_repo is None:
+        p.error("pass both --authors-repo and --nsa-repo (checkouts of the two repositories)")
     if args.reps < 1 or args.warmup < 0 or min(args.seq_lengths) < 1:
         p.error("--reps and --seq-lengths must be >= 1, --warmup >= 0")
     from ssa_megatron.benchmarking import authors_checkout_problem
