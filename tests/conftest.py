@@ -35,3 +35,21 @@ def _restore_launch_environment() -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def single_rank() -> Iterator[None]:
+    """A one-rank gloo process group for the module's tests (megatron's parallel state included)."""
+    from ssa_megatron.parallel.state import destroy_parallel, initialize_parallel
+    from tests.distributed import free_port
+
+    # Restored afterwards: later tests start subprocesses that must not inherit a rank and a port
+    # that this process group holds.
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
+                           ("WORLD_SIZE", "1")):  # fmt: skip
+            env.setenv(key, value)
+        initialize_parallel(seed=7, backend="gloo")
+        yield
+        destroy_parallel()
+        torch.distributed.destroy_process_group()

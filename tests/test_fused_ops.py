@@ -11,27 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from ssa_megatron.model import fused_ops
 from ssa_megatron.model.config import ConfigError, ModelConfig
 from ssa_megatron.training.engine import loss_func
-from tests.distributed import free_port
 from tests.test_model_equivalence import VOCAB, tiny_config
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    from ssa_megatron.parallel.state import destroy_parallel, initialize_parallel
-
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
-                           ("WORLD_SIZE", "1")):  # fmt: skip
-            env.setenv(key, value)
-        initialize_parallel(seed=7, backend="gloo")
-        yield
-        destroy_parallel()
-        dist.destroy_process_group()
 
 
 @pytest.fixture

@@ -6,30 +6,11 @@ import random
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from ssa_megatron.model import mode as ssa_mode
 from ssa_megatron.model.config import SSATransformerConfig, check_sequence_length
-from tests.distributed import free_port
 from tests.test_model_equivalence import VOCAB, tiny_config
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    from ssa_megatron.parallel.state import destroy_parallel, initialize_parallel
-
-    # Restored afterwards: later tests start subprocesses that must not inherit a rank and a port
-    # that this process group holds.
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
-                           ("WORLD_SIZE", "1")):  # fmt: skip
-            env.setenv(key, value)
-        initialize_parallel(seed=7, backend="gloo")
-        yield
-        destroy_parallel()
-        dist.destroy_process_group()
-
 
 # --- config -------------------------------------------------------------------------------------------
 
