@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from ssa_megatron.model import mode as ssa_mode
-from tests.test_model_attention import single_rank  # noqa: F401 (fixture)
 from tests.test_model_equivalence import VOCAB, tiny_config
 
 
@@ -77,7 +76,7 @@ def _twins(
     return tokens, positions, model, reference
 
 
-def test_override_mode_equals_a_config_in_that_mode(single_rank: None) -> None:  # noqa: F811
+def test_override_mode_equals_a_config_in_that_mode(single_rank: None) -> None:
     tokens, positions, model, reference = _twins(1, "inference_mode", "sparse", "full")
     model.eval()
     reference.eval()
@@ -94,7 +93,7 @@ def test_override_mode_equals_a_config_in_that_mode(single_rank: None) -> None: 
     assert model.mode_override is None and model.config.inference_mode == "sparse"
 
 
-def test_training_override_pins_the_driving_branch(single_rank: None) -> None:  # noqa: F811
+def test_training_override_pins_the_driving_branch(single_rank: None) -> None:
     tokens, positions, model, reference = _twins(2, "attention_mode", "sparse", "full")
     model.train()
     reference.train()
