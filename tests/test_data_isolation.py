@@ -115,6 +115,34 @@ def test_jobs_started_together_read_what_they_read_alone(shards: Path) -> None:
     assert len(firsts) == JOBS
 
 
+def test_a_rank_attaching_before_its_leader_sized_the_block_waits_for_it() -> None:
+    """The window between the creator's ``shm_open`` and ``ftruncate``, held open for 0.3 s."""
+    import secrets
+    import threading
+
+    import numpy as np
+    from streaming.base.shared.scalar import SharedScalar
+
+    from ssa_megatron.data.namespace import SHM_DIR, install
+
+    if not os.path.isdir(SHM_DIR):
+        pytest.skip(f"no {SHM_DIR} to create a block in by hand")
+    install()
+    name = f"ssa-sizing-test-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)  # created, not sized
+    sizer = threading.Timer(0.3, os.ftruncate, (fd, 8))
+    try:
+        sizer.start()
+        scalar = SharedScalar(np.int64, name)  # create fails (it exists), so it attaches
+        scalar.set(41)
+        with open(os.path.join(SHM_DIR, name), "rb") as raw:
+            assert int(np.frombuffer(raw.read(8), np.int64)[0]) == 41  # one block, seen by both
+    finally:
+        sizer.join()
+        os.close(fd)
+        os.unlink(os.path.join(SHM_DIR, name))
+
+
 # --- killed runs and live owners ------------------------------------------------------------------
 
 _HOLDER = """

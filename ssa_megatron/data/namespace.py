@@ -51,6 +51,15 @@ streaming builds its names with ``streaming.base.shared.prefix._get_path``; :fun
 that function and ``get_shm_prefix`` (in the modules that imported them) so that the prefix a
 dataset receives carries its namespace and every later name of that dataset is built with it.
 Datasets built outside :func:`Claim.active` (plain ``StreamingDataset``) keep streaming's names.
+
+Within one job: a rank attaching before its leader sized the block
+-----------------------------------------------------------------
+Every rank of a node opens the dataset's shared scalars and arrays (``next_epoch``,
+``cache_usage``, ...) the same way: create, and on ``FileExistsError`` wait 7 ms and attach.
+Creating is two system calls (``shm_open``, then ``ftruncate``); a rank that attaches between
+them finds an empty block and dies with ``ValueError: cannot mmap an empty file``, and its job
+with it. On a loaded node (several jobs starting at once) the creator can be off the CPU for
+longer than 7 ms. :func:`install` makes attaching wait until the creator has sized the block.
 """
 
 from __future__ import annotations
@@ -110,6 +119,7 @@ def install() -> None:
 
     if getattr(sprefix._get_path, "ssa_namespaced", False):
         return
+    _attach_when_sized()
     plain_get_path = sprefix._get_path
     plain_get_shm_prefix = sprefix.get_shm_prefix
 
@@ -131,6 +141,36 @@ def install() -> None:
     for module in (sprefix, sshared, sdataset):
         module._get_path = _get_path  # type: ignore[attr-defined]
         module.get_shm_prefix = get_shm_prefix  # type: ignore[attr-defined]
+
+
+# How long an attaching rank waits for the creator to size a block: longer than any scheduling
+# delay between its two system calls, short enough that a block left empty by a crash still fails.
+_SIZING_GRACE_S = 10.0
+
+
+def _attach_when_sized() -> None:
+    """Make streaming's attach to a just-created, not yet sized, shared-memory block wait and retry."""
+    from multiprocessing.shared_memory import SharedMemory as BuiltinSharedMemory
+
+    import streaming.base.shared.memory as smemory
+
+    class SizedSharedMemory(BuiltinSharedMemory):
+        def __init__(self, name: str | None = None, create: bool = False, size: int = 0) -> None:
+            deadline = time.monotonic() + _SIZING_GRACE_S
+            while True:
+                try:
+                    super().__init__(name, create, size)
+                    return
+                except ValueError:  # "cannot mmap an empty file": created, not sized yet
+                    fd = getattr(self, "_fd", -1)
+                    if fd >= 0:
+                        os.close(fd)
+                        self._fd = -1
+                    if create or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.005)
+
+    smemory.BuiltinSharedMemory = SizedSharedMemory  # type: ignore[misc]
 
 
 # --- claims -------------------------------------------------------------------------------------
