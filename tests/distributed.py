@@ -10,20 +10,28 @@ Usage from a test:
 
 Each worker's return value comes back to the parent; an exception in any worker fails the
 test with that worker's traceback.
+
+:func:`torchrun_two_nodes` runs a real two-"node" job instead: two torchrun agents on this host
+joined by a c10d rendezvous.
 """
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ssa_megatron.parallel.state import set_local_rank_env
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -88,3 +96,63 @@ def run_distributed(
     if failures:
         raise AssertionError("\n".join(failures))
     return results
+
+
+# --- two torchrun agents on one host ---------------------------------------------------------------
+
+
+def node_tmp(tmp_path: Path, node: int) -> Path:
+    """The temp directory of one "node" of a two-node job on this host (made once, then reused).
+
+    Real nodes have their own /dev/shm and temp dir; on one host both would register the same
+    streaming shared-memory prefixes, so each node's temp dir is pre-seeded with the lock files of
+    the other node's prefixes (node 0 takes the even ones, node 1 the odd ones).
+    """
+    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
+    from streaming.base.shared.prefix import _get_path
+
+    path = tmp_path / f"node{node}-tmp"
+    if not path.exists():
+        path.mkdir()
+        for prefix in range(1 - node, 4096, 2):
+            for name in (BARRIER_FILELOCK, CACHE_FILELOCK):
+                (path / _get_path(prefix, name)).touch()
+    return path
+
+
+def wait_agents(agents: list[tuple[subprocess.Popen, IO[str]]], timeout: float) -> list[str]:
+    """Wait for each launched agent (killing one still running after `timeout`) and close its log file;
+    returns the logs' text, in order, after asserting that every agent exited 0."""
+    logs = []
+    for proc, log in agents:
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+        logs.append(Path(log.name).read_text())
+        assert proc.returncode == 0, logs[-1][-4000:]
+    return logs
+
+
+def torchrun_two_nodes(
+    tmp_path: Path, name: str, nproc_per_node: int, args_of_node: Callable[[int], list[str]],
+    env: dict[str, str], timeout: float = 600.0,
+) -> list[str]:
+    """Run ``torchrun <args_of_node(node)>`` as a 2-node job on this host; returns each node's log.
+
+    Both agents meet at a c10d rendezvous on localhost; each runs with its own :func:`node_tmp` and
+    logs to ``<tmp_path>/<name>-node<node>.log``. Fails the test unless both exit 0.
+    """
+    port = free_port()
+    agents = []
+    for node in range(2):
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "2", "--nproc-per-node",
+               str(nproc_per_node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+               "--rdzv-id", f"ssa-{name}-{port}", "--max-restarts", "0", *args_of_node(node)]
+        log = open(tmp_path / f"{name}-node{node}.log", "w")  # noqa: SIM115 (closed by wait_agents)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(env, TMPDIR=str(node_tmp(tmp_path, node))),
+                                stdout=log, stderr=subprocess.STDOUT)
+        agents.append((proc, log))
+    return wait_agents(agents, timeout)

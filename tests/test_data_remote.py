@@ -526,57 +526,20 @@ def test_known_hashes_and_shuffles_are_streamings() -> None:
 def _torchrun_job(
     tmp_path: Path, name: str, s3_endpoint: str, data: str, tok: Path, *extra: str
 ) -> list[str]:
-    from tests.distributed import free_port
-    from tests.test_training_launchers import _node_tmp, wait_agents
+    from tests.distributed import torchrun_two_nodes
 
-    port = free_port()
     run_dir = tmp_path / "job"  # shared by both "nodes", like a checkpoint directory on shared storage
-    agents = []
-    for node in range(2):
-        env = s3_env(s3_endpoint, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        # One host plays two nodes: each gets its own streaming shared-memory prefixes (a real node
-        # has its own /dev/shm) and its own node-local cache directory.
-        env["TMPDIR"] = str(
-            _node_tmp(tmp_path, node)
-            if not (tmp_path / f"node{node}-tmp").exists()
-            else tmp_path / f"node{node}-tmp"
+
+    def args_of_node(node: int) -> list[str]:
+        return tiny_train_args(
+            ["--data.path", data], tok, run_dir, 6, "--parallel.tensor", "2", "--model.num_query_groups", "2",
+            "--train.global_batch_size", "4",
+            "--data.cache_dir", str(tmp_path / f"node{node}-cache"),  # each node's own local cache
+            "--logging.tensorboard_dir", str(tmp_path / f"tb-{name}"), *extra,
         )
-        args = tiny_train_args(
-            ["--data.path", data],
-            tok,
-            run_dir,
-            6,
-            "--parallel.tensor",
-            "2",
-            "--model.num_query_groups",
-            "2",
-            "--train.global_batch_size",
-            "4",
-            "--data.cache_dir",
-            str(tmp_path / f"node{node}-cache"),
-            "--logging.tensorboard_dir",
-            str(tmp_path / f"tb-{name}"),
-            *extra,
-        )
-        cmd = [
-            str(Path(sys.executable).parent / "torchrun"),
-            "--nnodes",
-            "2",
-            "--nproc-per-node",
-            "2",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            f"127.0.0.1:{port}",
-            "--rdzv-id",
-            f"ssa-s3-{port}",
-            "--max-restarts",
-            "0",
-            *args,
-        ]
-        log = open(tmp_path / f"{name}-node{node}.log", "w")  # noqa: SIM115 (closed below)
-        agents.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    return wait_agents(agents, timeout=900)
+
+    env = s3_env(s3_endpoint, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return torchrun_two_nodes(tmp_path, name, 2, args_of_node, env, timeout=900)
 
 
 def _ce_curve(tb_dir: Path) -> dict[int, float]:

@@ -8,9 +8,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import IO
 
-from tests.distributed import free_port
+from tests.distributed import free_port, torchrun_two_nodes
 from tests.test_training_loss import demo_dir, tiny_overrides  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,64 +69,13 @@ def test_deepspeed_launcher_trains_with_zero1(demo_dir: str, tmp_path: Path) -> 
     assert any("optim_states" in p.name for p in (it / "optim").rglob("*")), sorted((it / "optim").rglob("*"))
 
 
-def wait_agents(agents: list[tuple[subprocess.Popen, IO[str]]], timeout: float) -> list[str]:
-    """Wait for each launched agent (killing one still running after `timeout`) and close its log file;
-    returns the logs' text, in order, after asserting that every agent exited 0."""
-    logs = []
-    for proc, log in agents:
-        try:
-            proc.wait(timeout=timeout)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
-        logs.append(Path(log.name).read_text())
-        assert proc.returncode == 0, logs[-1][-4000:]
-    return logs
-
-
-def _node_tmp(tmp_path: Path, node: int) -> Path:
-    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
-    from streaming.base.shared.prefix import _get_path
-
-    node_tmp = tmp_path / f"node{node}-tmp"
-    node_tmp.mkdir()
-    for prefix in range(1 - node, 4096, 2):
-        for name in (BARRIER_FILELOCK, CACHE_FILELOCK):
-            (node_tmp / _get_path(prefix, name)).touch()
-    return node_tmp
-
-
 def test_two_torchrun_agents_with_c10d_rendezvous(demo_dir: str, tmp_path: Path) -> None:  # noqa: F811
-    port = free_port()
-    agents = []
+    # Each "node" reads its own copy of the shards, as nodes with their own disks would.
     for node in range(2):
-        # Real nodes have their own /dev/shm. On one host both "nodes" would register the same
-        # streaming shared-memory prefix, so each gets its own copy of the shards and its own temp dir
-        # (streaming's prefix lock files) pre-seeded with the other node's prefixes.
-        node_data = tmp_path / f"data{node}"
-        shutil.copytree(demo_dir, node_data)
-        env = _env()
-        env["TMPDIR"] = str(_node_tmp(tmp_path, node))
-        cmd = [
-            str(BIN / "torchrun"),
-            "--nnodes",
-            "2",
-            "--nproc-per-node",
-            "1",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            f"127.0.0.1:{port}",
-            "--rdzv-id",
-            f"ssa-test-{port}",
-            "--max-restarts",
-            "0",
-            *_train_args(str(node_data)),
-        ]
-        out = open(tmp_path / f"node{node}.log", "w")  # noqa: SIM115 (closed below)
-        agents.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT), out))
-    both = "\n".join(wait_agents(agents, timeout=600))
+        shutil.copytree(demo_dir, tmp_path / f"data{node}")
+    logs = torchrun_two_nodes(tmp_path, "train", 1, lambda node: _train_args(str(tmp_path / f"data{node}")),
+                              _env())
+    both = "\n".join(logs)
     # Global rank 0 (on whichever agent got node rank 0) logs; data parallel over the two "nodes".
     ce = _ce_values(both)
     assert len(ce) == 4 and ce[-1] < ce[0], both[-3000:]
