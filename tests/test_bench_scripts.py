@@ -130,13 +130,24 @@ def test_sweep_launches_concatenate_the_named_grids() -> None:
             assert set(grid) <= {f.name for f in dataclasses.fields(shipped[kernel])}, kernel
 
 
-@pytest.mark.parametrize("kernels", [["dkdv", "dq", "fwd", "select_lse", "select_topk"], ["dkdv"]])
+SWEPT_KERNELS = ["dkdv", "dq", "fwd", "select_lse", "select_topk"]
+
+
+# By default one attention and one selection kernel; every kernel (the tool's default) with -m slow.
+@pytest.mark.parametrize(
+    "kernels",
+    [["fwd", "select_topk"], pytest.param(SWEPT_KERNELS, marks=pytest.mark.slow),
+     pytest.param(["dkdv"], marks=pytest.mark.slow)],
+)  # fmt: skip
 def test_sweep_selected_attention_times_launches_against_the_shipped_one(
     tmp_path: Path, kernels: list[str]
 ) -> None:
     out = tmp_path / "sweep.json"
-    # One kernel alone: its register caps (dropped by the interpreter, but the path is the GPU's).
-    only = ["--kernels", *kernels, "--grids", "registers"] if len(kernels) == 1 else []
+    if len(kernels) == 1:
+        # One kernel alone: its register caps (dropped by the interpreter, but the path is the GPU's).
+        only = ["--kernels", *kernels, "--grids", "registers"]
+    else:
+        only = [] if kernels == SWEPT_KERNELS else ["--kernels", *kernels]
     # Its main() in this process (Triton's interpreter on CPU, see conftest.py): a process of its own
     # would spend most of the test importing torch and Triton again.
     code = load_tool("sweep_selected_attention").main(

@@ -69,11 +69,13 @@ def check_selection(
     assert torch.equal(got, want), (got != want).nonzero()[:5]
 
 
+# The default run keeps the plain case, the one with a query range, documents and bf16, and the
+# two edge lists; the others (GQA 16, block 32, a query range alone) are slow.
 SELECT_CASES = [
     # (b, t, h, g, bs, bc, query range, documents, dtype)
     (2, 70, 1, 1, 16, 3, None, None, torch.float32),
-    (1, 90, 2, 3, 16, 4, (20, 90), None, torch.float32),
-    (1, 130, 1, 16, 32, 2, None, None, torch.float32),
+    pytest.param(1, 90, 2, 3, 16, 4, (20, 90), None, torch.float32, marks=pytest.mark.slow),
+    pytest.param(1, 130, 1, 16, 32, 2, None, None, torch.float32, marks=pytest.mark.slow),
     (1, 100, 2, 3, 16, 3, (10, 100), [0, 40, 40, 100], torch.bfloat16),
     (1, 60, 2, 2, 16, 8, None, None, torch.float32),  # more slots than blocks
     (1, 50, 2, 2, 16, 1, None, None, torch.float32),  # own block only
@@ -115,12 +117,12 @@ def _shaped_keys(k: torch.Tensor, q: torch.Tensor, kind: str, bs: int) -> tuple[
 
 @pytest.mark.parametrize(
     ("kind", "h", "g", "bc", "qr", "bounds", "dtype"),
-    [
+    [  # by default one random, one all-tied and one trend case; all six with -m slow
         ("random", 1, 3, 16, (1000, 1100), None, torch.float32),
-        ("random", 2, 16, 4, (1030, 1100), [0, 40, 1100], torch.bfloat16),
+        pytest.param("random", 2, 16, 4, (1030, 1100), [0, 40, 1100], torch.bfloat16, marks=pytest.mark.slow),
         ("all_equal", 2, 3, 4, (1050, 1100), None, torch.float32),
-        ("few_values", 1, 2, 9, (900, 1100), None, torch.float32),
-        ("rising", 1, 3, 16, (1000, 1100), None, torch.float32),
+        pytest.param("few_values", 1, 2, 9, (900, 1100), None, torch.float32, marks=pytest.mark.slow),
+        pytest.param("rising", 1, 3, 16, (1000, 1100), None, torch.float32, marks=pytest.mark.slow),
         ("falling", 1, 1, 5, (1000, 1100), [0, 100, 1100], torch.float32),
     ],
 )
@@ -185,13 +187,15 @@ def check_attention(
         assert err < TOL[dtype], f"{name}: relative error {err:.2e}"
 
 
+# By default the plain case and the one with a query range, documents and bf16; the others (block
+# 32 and 64, GQA 16, batch 2) are slow.
 ATTN_CASES = [
     # (b, t, h, g, bs, bc, query range, documents, dtype)
     (1, 45, 2, 1, 16, 2, None, None, torch.float32),
-    (1, 100, 2, 3, 32, 3, (30, 100), None, torch.float32),
-    (1, 50, 1, 16, 16, 3, None, None, torch.bfloat16),
+    pytest.param(1, 100, 2, 3, 32, 3, (30, 100), None, torch.float32, marks=pytest.mark.slow),
+    pytest.param(1, 50, 1, 16, 16, 3, None, None, torch.bfloat16, marks=pytest.mark.slow),
     (1, 70, 2, 2, 16, 2, (5, 70), [0, 33, 33, 70], torch.bfloat16),
-    (2, 140, 1, 2, 64, 2, (60, 140), None, torch.float32),
+    pytest.param(2, 140, 1, 2, 64, 2, (60, 140), None, torch.float32, marks=pytest.mark.slow),
 ]
 
 
@@ -203,7 +207,7 @@ def test_selected_attention_forward_and_backward(
     check_attention(b, t, h, g, 64, bs, bc, qr, bounds, dtype, seed=3 * t + g)
 
 
-@pytest.mark.parametrize("through", ["o", "lse"])
+@pytest.mark.parametrize("through", [pytest.param("o", marks=pytest.mark.slow), "lse"])
 def test_gradient_through_one_output_only(through: str) -> None:
     # The other output's gradient reaches the backward as None (not a materialised zero tensor).
     q, k, v = make(1, 70, 2, 3, 64, torch.float32, seed=17)
@@ -235,7 +239,7 @@ def test_dense_attention_with_offset_and_documents(
     check_attention(1, 40, 2, 3, 64, 16, 1, qr, bounds, dtype, seed=5, sparse=False)
 
 
-@pytest.mark.parametrize(("segment", "chunk"), [(3, 4), (16, 1024)])
+@pytest.mark.parametrize(("segment", "chunk"), [(3, 4), pytest.param(16, 1024, marks=pytest.mark.slow)])
 def test_dk_dv_split_into_many_segments(monkeypatch: pytest.MonkeyPatch, segment: int, chunk: int) -> None:
     # Blocks selected by more queries than one segment holds (every own block, the early blocks)
     # are summed over several partials; the host-bounded segment table leaves some segments empty,

@@ -108,10 +108,10 @@ def run_step(config: SSATransformerConfig, batches: list[dict[str, torch.Tensor]
         return out, loss_func
 
     ssa_mode.set_microbatch(iteration)
-    set_alignment_loss_scale(alignment_loss_scale(MICROBATCHES, cp))
+    set_alignment_loss_scale(alignment_loss_scale(len(batches), cp))
     get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=[iter(local) for _ in chunks], model=chunks,
-        num_microbatches=MICROBATCHES, seq_length=SEQ // cp, micro_batch_size=BATCH, forward_only=False,
+        num_microbatches=len(batches), seq_length=SEQ // cp, micro_batch_size=BATCH, forward_only=False,
     )
     ssa_mode.clear()
     grads: dict[str, torch.Tensor] = {}
