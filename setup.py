@@ -39,7 +39,10 @@ EXTRAS = {
     # Liger's Triton kernels for model.fused_ops (RMSNorm, SwiGLU, LM-head linear + cross entropy).
     "gpu": ["liger-kernel==0.8.5"],
     # moto[server]: an S3-compatible server on 127.0.0.1 for the object-storage data tests.
-    "test": ["pytest==9.2.0", "pytest-timeout>=2.3", "pytest-xdist==3.8.0", "ruff==0.17.6", "moto[server]>=5.0"],
+    # pytest-xdist: the README's test command spreads the test files over two worker processes.
+    "test": [
+        "pytest==9.2.0", "pytest-timeout>=2.3", "pytest-xdist==3.8.0", "ruff==0.17.6", "moto[server]>=5.0"
+    ],
 }
 EXTRAS["dev"] = sorted(
     {req for extra in ("deepspeed", "hf", "eval", "lmeval", "gpu", "test") for req in EXTRAS[extra]}
