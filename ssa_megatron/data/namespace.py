@@ -112,7 +112,8 @@ class NamespacedPrefix(int):
 
 
 def install() -> None:
-    """Make streaming build its shared-memory and lock-file names inside the active namespace."""
+    """Make streaming build its shared-memory and lock-file names inside the active namespace, and
+    make its attaching ranks wait for a block their leader has created but not yet sized."""
     import streaming.base.dataset as sdataset
     import streaming.base.shared as sshared
     import streaming.base.shared.prefix as sprefix
