@@ -101,26 +101,26 @@ def run_distributed(
 # --- two torchrun agents on one host ---------------------------------------------------------------
 
 
-def node_tmp(tmp_path: Path, node: int) -> Path:
-    """The temp directory of one "node" of a two-node job on this host (made once, then reused).
+def node_tmp(root: Path, node: int, prefixes: int = 4096) -> Path:
+    """``<root>/node<node>-tmp``: the temp directory of one simulated node of a job on this host.
 
     Real nodes have their own /dev/shm and temp dir; on one host both would register the same
-    streaming shared-memory prefixes, so each node's temp dir is pre-seeded with the lock files of
-    the other node's prefixes (node 0 takes the even ones, node 1 the odd ones).
+    streaming shared-memory prefixes, so each node's temp dir is seeded with the lock files of the
+    other node's first ``prefixes`` prefixes (node 0 takes the even ones, node 1 the odd ones).
+    Safe to call again, and from several ranks of a node at once.
     """
     from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
     from streaming.base.shared.prefix import _get_path
 
-    path = tmp_path / f"node{node}-tmp"
-    if not path.exists():
-        path.mkdir()
-        for prefix in range(1 - node, 4096, 2):
-            for name in (BARRIER_FILELOCK, CACHE_FILELOCK):
-                (path / _get_path(prefix, name)).touch()
+    path = root / f"node{node}-tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    for prefix in range(1 - node, prefixes, 2):
+        for name in (BARRIER_FILELOCK, CACHE_FILELOCK):
+            (path / _get_path(prefix, name)).touch()
     return path
 
 
-def wait_agents(agents: list[tuple[subprocess.Popen, IO[str]]], timeout: float) -> list[str]:
+def _wait_agents(agents: list[tuple[subprocess.Popen, IO[str]]], timeout: float) -> list[str]:
     """Wait for each launched agent (killing one still running after `timeout`) and close its log file;
     returns the logs' text, in order, after asserting that every agent exited 0."""
     logs = []
@@ -151,8 +151,8 @@ def torchrun_two_nodes(
         cmd = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "2", "--nproc-per-node",
                str(nproc_per_node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
                "--rdzv-id", f"ssa-{name}-{port}", "--max-restarts", "0", *args_of_node(node)]
-        log = open(tmp_path / f"{name}-node{node}.log", "w")  # noqa: SIM115 (closed by wait_agents)
+        log = open(tmp_path / f"{name}-node{node}.log", "w")  # noqa: SIM115 (closed by _wait_agents)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(env, TMPDIR=str(node_tmp(tmp_path, node))),
                                 stdout=log, stderr=subprocess.STDOUT)
         agents.append((proc, log))
-    return wait_agents(agents, timeout)
+    return _wait_agents(agents, timeout)

@@ -19,7 +19,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from tests.distributed import run_distributed
+from tests.distributed import node_tmp, run_distributed
 from tests.test_data_common import build_shards
 
 MB, SEQ, K1, K2 = 2, 16, 3, 4
@@ -27,16 +27,8 @@ MB, SEQ, K1, K2 = 2, 16, 3, 4
 
 def _simulate_node(rank: int, tmp: Path) -> None:
     """DeepSpeed-launcher env for 2 nodes x 2 processes, and this node's own temp dir."""
-    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
-    from streaming.base.shared.prefix import _get_path
-
     node = rank // 2
-    node_tmp = tmp / f"node{node}" / "tmp"
-    node_tmp.mkdir(parents=True, exist_ok=True)
-    for prefix in range(1 - node, 64, 2):  # the other node's shared-memory prefixes
-        for name in (BARRIER_FILELOCK, CACHE_FILELOCK):
-            (node_tmp / _get_path(prefix, name)).touch()
-    tempfile.tempdir = str(node_tmp)
+    tempfile.tempdir = str(node_tmp(tmp, node, prefixes=64))
     os.environ.pop("LOCAL_WORLD_SIZE", None)
     os.environ.update(LOCAL_SIZE="2", LOCAL_RANK=str(rank % 2), CROSS_RANK=str(node))
 
