@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.run_helpers import CPU_FP32, flags
+from tests.run_helpers import CPU_FP32, flags, load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +52,13 @@ def _doc_tree(root: Path) -> Path:
     )
     (doc / "linux-doc-6.1").mkdir()
     (doc / "linux-doc-6.1" / "kernel.txt").write_text("The kernel scheduler " + _prose(700))
+    # An info manual in four parts; its reading order (top, -1, -2, -10) is not the names' order.
+    info = root / "info"
+    info.mkdir()
+    for part in ("", "-1", "-2", "-10"):
+        seed = 600 + (int(part[1:]) if part else 0)
+        text = f"{_prose(seed)}\n\n{_prose(seed + 20)}"
+        (info / f"manual.info{part}.gz").write_bytes(gzip.compress(text.encode()))
     man = root / "man" / "man1"
     man.mkdir(parents=True)
     (man / "tool.1").write_text(
@@ -61,7 +68,7 @@ def _doc_tree(root: Path) -> Path:
 
 
 def _build(out: Path, tree: Path, *extra: str) -> subprocess.CompletedProcess:
-    roots = ",".join(str(tree / d) for d in ("doc", "man"))
+    roots = ",".join(str(tree / d) for d in ("doc", "info", "man"))
     return subprocess.run(
         [
             sys.executable,
@@ -121,9 +128,47 @@ def test_build_corpus_skips_kernel_docs_and_finished_builds(
     manifest = json.loads((out / "corpus_manifest.json").read_text())
     splits = manifest["shards"]["splits"]
     assert manifest["complete"] and splits["train"]["tokens"] > 0 and splits["val"]["documents"] > 0
+    assert set(manifest["context_shares"]) == {"128", "256", "1024", "4096"}
+    assert "share of tokens at document position >= N: 128:" in first.stdout
     # A second call on a finished directory does nothing.
     again = _build(out, tree)
     assert again.returncode == 0 and "already built" in again.stdout
+
+
+def _numbers(text: str) -> list[int]:
+    """The first sentence number of each paragraph of a document (see _prose): its reading order."""
+    return [int(p.split("the number ")[1].split()[0]) // 6 for p in text.split("\n\n")]
+
+
+def test_document_units_file_and_docstring(
+    built: tuple[Path, Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
+    tree, out, _ = built
+    docs = [json.loads(line) for line in (out / "corpus.jsonl").read_text().splitlines()]
+    manuals = [d for d in docs if d["source"] == "info/manual"]
+    # One document per manual, parts in reading order.
+    assert len(manuals) == 1 and _numbers(manuals[0]["text"]) == [600, 620, 601, 621, 602, 622, 610, 630]
+    first = _build(tmp_path / "d", tree, "--document-unit", "docstring")
+    assert first.returncode == 0, first.stderr[-3000:]
+    by_part = [json.loads(line) for line in (tmp_path / "d" / "corpus.jsonl").read_text().splitlines()]
+    parts = sorted(_numbers(d["text"])[0] for d in by_part if d["source"] == "info/manual")
+    assert parts == [600, 601, 602, 610]
+    # Whole manuals hold more of the text at long document positions.
+    shares = {u: json.loads((o / "corpus_manifest.json").read_text())["context_shares"]
+              for u, o in (("file", out), ("docstring", tmp_path / "d"))}  # fmt: skip
+    assert shares["file"]["256"] > shares["docstring"]["256"]
+
+    # Python sources: one document per module (its docstrings in order), or one per docstring.
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "a.py").write_text(f'"""{_prose(1)}"""\n\n\ndef f():\n    """{_prose(2)}"""\n')
+    (package / "b.py").write_text(f'"""{_prose(3)}"""\n')
+    build_corpus = load_tool("build_corpus")
+    roots = [("pkg", package)]
+    by_file = list(build_corpus._python_documents("file", roots))
+    assert [(o, _numbers(t)) for o, t in by_file] == [("python/pkg", [1, 2]), ("python/pkg", [3])]
+    by_docstring = list(build_corpus._python_documents("docstring", roots))
+    assert [_numbers(t) for _o, t in by_docstring] == [[1], [2], [3]]
 
 
 def test_build_corpus_refuses_bad_inputs(tmp_path: Path) -> None:
@@ -177,7 +222,7 @@ def test_repro_recipe_end_to_end_on_cpu(
 ) -> None:
     """The user's path at toy size: corpus, two modes trained concurrently, evaluated, compared."""
     tree, first_build, _ = built
-    roots = f"{tree / 'doc'},{tree / 'man'}"
+    roots = ",".join(str(tree / d) for d in ("doc", "info", "man"))
     proc = _repro(
         tmp_path / "r",
         "--modes",

@@ -12,8 +12,11 @@ Nothing is downloaded. Two sources, both read at run time and never shipped with
 
 The Linux kernel's documentation is never read (it is kept aside for independent checks).
 Prose is kept paragraph by paragraph (the same English filter as the demo corpus: sentences of
-common English words, no code), de-duplicated, and written as one document per docstring or
-file; documents then go to ``train`` or ``val`` by a seeded hash of their index. The tool trains
+common English words, no code), de-duplicated, and written as one document per ``--document-unit``:
+``file`` (default) makes a document of a Python module's docstrings in order, of a documentation
+file, of a man page, and of a whole info manual (its numbered parts together); ``docstring`` (the
+first corpus version) makes one of each docstring and of each info part. Documents then go to
+``train`` or ``val`` by a seeded hash of their index. The tool trains
 a sentencepiece tokenizer on the corpus, writes MDS shards, and prints the corpus size, its
 SHA-256 and the token counts::
 
@@ -36,7 +39,8 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from itertools import groupby
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +55,11 @@ from ssa_megatron.data.demo_corpus import (  # noqa: E402
     is_english_prose,
 )
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
 SOURCES = ("python", "debian")
+# What one document is (see the module docstring): whole files keep a text's long-range context,
+# which is what the sparse and full attention modes differ on.
+DOCUMENT_UNITS = ("file", "docstring")
 DEBIAN_ROOTS = ("/usr/share/doc", "/usr/share/info", "/usr/share/man")
 MANIFEST = "corpus_manifest.json"
 _TEXT_SUFFIXES = (".txt", ".md", ".rst", ".html", ".htm", ".text", ".info")
@@ -123,24 +130,51 @@ def _debian_files(roots: list[Path]) -> Iterator[tuple[str, Path, str]]:
                 yield f"{root.name}/{package}", path, kind
 
 
-def _debian_documents(roots: list[Path]) -> Iterator[tuple[str, str]]:
-    for package, path, kind in _debian_files(roots):
-        text = _read_text(path)
-        if text is not None:
-            convert = {"man": _troff_to_text, "html": _html_to_text}.get(kind)
-            yield package, convert(text) if convert else text
+def _debian_text(path: Path, kind: str) -> str | None:
+    text = _read_text(path)
+    convert = {"man": _troff_to_text, "html": _html_to_text}.get(kind)
+    return convert(text) if convert and text is not None else text
 
 
-def _python_documents() -> Iterator[tuple[str, str]]:
-    for name, root in _package_roots():
+def _info_part(path: Path) -> int:
+    """The part number of an info file (``name.info-3.gz`` -> 3; ``name.info`` and other files -> 0)."""
+    match = re.search(r"\.info-(\d+)(\.gz)?$", path.name)
+    return int(match.group(1)) if match else 0
+
+
+def _debian_documents(roots: list[Path], unit: str) -> Iterator[tuple[str, str]]:
+    """(origin, text) per document; with unit ``file`` an info manual's parts (``name.info``,
+    ``name.info-1``, ... : the files of one origin under ``info/``, listed consecutively) are one."""
+
+    def document_of(item: tuple[int, tuple[str, Path, str]]) -> object:
+        index, (origin, _path, _kind) = item
+        return origin if unit == "file" and origin.startswith("info/") else index
+
+    for _key, group in groupby(enumerate(_debian_files(roots)), key=document_of):
+        # Parts in reading order: name.info, then name.info-1, -2, ..., -10 (not the names' order).
+        files = sorted((entry for _index, entry in group), key=lambda e: _info_part(e[1]))
+        texts = [text for _origin, path, kind in files if (text := _debian_text(path, kind)) is not None]
+        if texts:
+            yield files[0][0], "\n\n".join(texts)
+
+
+def _python_documents(
+    unit: str, roots: Sequence[tuple[str, Path]] | None = None
+) -> Iterator[tuple[str, str]]:
+    """(origin, text) per module (unit ``file``: its docstrings in order) or per docstring."""
+    for name, root in _package_roots() if roots is None else roots:
         for path in _py_files(root):
-            for doc in _docstrings(path):
-                yield f"python/{name}", doc
+            docs = list(_docstrings(path))
+            if unit == "file" and docs:
+                yield f"python/{name}", "\n\n".join(docs)
+            elif unit == "docstring":
+                yield from ((f"python/{name}", doc) for doc in docs)
 
 
 def build_corpus(
-    out_path: Path, sources: list[str], *, max_bytes: int, max_source_bytes: int, debian_roots: list[Path]
-) -> dict:
+    out_path: Path, sources: list[str], *, max_bytes: int, max_source_bytes: int, debian_roots: list[Path],
+    document_unit: str = "file",
+) -> dict:  # fmt: skip
     """Write ``out_path`` (jsonl, ``{"text", "source"}``); returns statistics and bytes per source.
 
     A source (package or manual) contributes at most ``max_source_bytes``: generated API
@@ -150,7 +184,10 @@ def build_corpus(
     per_source: Counter[str] = Counter()
     written = documents = 0
     tmp = out_path.with_name(out_path.name + ".tmp")
-    generators = {"python": _python_documents, "debian": lambda: _debian_documents(debian_roots)}
+    generators = {
+        "python": lambda: _python_documents(document_unit),
+        "debian": lambda: _debian_documents(debian_roots, document_unit),
+    }
     with tmp.open("w", encoding="utf-8") as fh:
         for source in sources:
             for origin, raw in generators[source]():
@@ -181,6 +218,27 @@ def build_corpus(
     }
 
 
+# Document positions at which the corpus's long-range context is counted (tokens): the S and M
+# recipes' sparse receptive fields (8 x 16 and 16 x 16 blocks), and longer spans.
+CONTEXT_CUTOFFS = (128, 256, 1024, 4096)
+
+
+def context_shares(lengths: Sequence[int], cutoffs: Sequence[int] = CONTEXT_CUTOFFS) -> dict[str, float]:
+    """Share of all tokens that sit at document position >= each cutoff, i.e. whose own document
+    holds more context before them than a window of that many tokens sees."""
+    total = sum(lengths) or 1
+    return {str(c): round(sum(max(0, n - c) for n in lengths) / total, 4) for c in cutoffs}
+
+
+def document_token_lengths(corpus: Path, tokenizer_model: Path) -> list[int]:
+    """Tokens per document of ``corpus`` (its EOS included), as the shards will hold them."""
+    from ssa_megatron.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_model)
+    with corpus.open(encoding="utf-8") as fh:
+        return [len(tokenizer.encode(json.loads(line)["text"])) + 1 for line in fh]
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -201,6 +259,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1.0,
         help="cap per package or manual (default: %(default)s)",
     )
+    p.add_argument("--document-unit", choices=DOCUMENT_UNITS, default="file",
+                   help="what one document is (default: %(default)s; docstring: the first corpus version)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--valid-fraction", type=float, default=0.02, help="share of documents held out")
@@ -236,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_bytes": int(args.max_megabytes * 1e6),
         "max_source_bytes": int(args.max_source_megabytes * 1e6),
         "debian_roots": args.debian_roots,
+        "document_unit": args.document_unit,
         "seq_len": args.seq_len,
         "vocab_size": args.vocab_size,
         "valid_fraction": args.valid_fraction,
@@ -265,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         max_bytes=params["max_bytes"],
         max_source_bytes=params["max_source_bytes"],
         debian_roots=roots,
+        document_unit=args.document_unit,
     )
     per_source = stats.pop("per_source")
     (out / "sources.json").write_text(json.dumps(per_source, indent=1) + "\n")
@@ -309,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         manifest["shards"] = summary.to_dict()
         splits = {k: v["tokens"] for k, v in manifest["shards"]["splits"].items()}
         print(f"tokens (vocab {args.vocab_size}): {splits}")
+        manifest["context_shares"] = context_shares(document_token_lengths(corpus, out / "tokenizer.model"))
+        print("share of tokens at document position >= N: "
+              + ", ".join(f"{n}: {v:.3f}" for n, v in manifest["context_shares"].items()))  # fmt: skip
     manifest["complete"] = True
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return 0
