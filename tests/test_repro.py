@@ -247,6 +247,9 @@ def test_repro_recipe_end_to_end_on_cpu(
     assert [r["label"] for r in table["runs"]] == ["full/seed7 @ 2", "ssa/seed7 @ 2"]
     assert all(r["ppl_sparse"] > 1 and r["ppl_full"] > 1 and len(r["sweep"]) == 3 for r in table["runs"])
     assert all(r["passkey_sparse"] is not None for r in table["runs"])
+    # The table names the text it was measured on.
+    copied = json.loads((out / "corpus_manifest.json").read_text())
+    assert copied["sha256"] == _digest(first_build) and copied["params"]["document_unit"] == "file"
     md = (out / "comparison.md").read_text()
     assert "| ssa/seed7 @ 2 |" in md
     for name in ("budget_sweep.png", "layer_sparsity.png", "layer_entropy.png", "passkey.png"):

@@ -13,7 +13,9 @@
 3. evaluate: ``tools/evaluate.py`` on every run's latest checkpoint (perplexity in sparse and
    full mode, attention sparsity and entropy per layer, block-count sweep, passkey retrieval);
 4. compare: ``tools/compare_runs.py`` over all of them: ``<out>/compare/comparison.md``,
-   ``comparison.json`` and overlaid plots, each labelled with run and checkpoint iteration.
+   ``comparison.json`` and overlaid plots, each labelled with run and checkpoint iteration, beside
+   a copy of the corpus's ``corpus_manifest.json`` when ``tools/build_corpus.py`` built the data
+   (its version, document unit, hash and context shares: which text the table was measured on).
 
 Everything goes under ``--out`` (default ``runs/repro``): ``data/``, ``<scale>/seed<N>/<mode>/``
 (checkpoints), ``<scale>/logs/``, ``<scale>/eval/``, ``<scale>/compare/``. Extra
@@ -319,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
             print("run_repro.py: tools/compare_runs.py failed; see above", file=sys.stderr)
             return 1
+        manifest = data_dir / "corpus_manifest.json"
+        if manifest.is_file():  # absent for shards of the user's own (--data.path)
+            shutil.copyfile(manifest, scale_dir / "compare" / manifest.name)
     _say(f"finished in {time.monotonic() - start:.0f} s")
     if not complete:
         return EXIT_CUT
