@@ -67,8 +67,13 @@ def _doc_tree(root: Path) -> Path:
     return root
 
 
+def _roots(tree: Path) -> str:
+    """The tree's documentation roots, as --debian-roots takes them."""
+    return ",".join(str(tree / d) for d in ("doc", "info", "man"))
+
+
 def _build(out: Path, tree: Path, *extra: str) -> subprocess.CompletedProcess:
-    roots = ",".join(str(tree / d) for d in ("doc", "info", "man"))
+    roots = _roots(tree)
     return subprocess.run(
         [
             sys.executable,
@@ -222,7 +227,7 @@ def test_repro_recipe_end_to_end_on_cpu(
 ) -> None:
     """The user's path at toy size: corpus, two modes trained concurrently, evaluated, compared."""
     tree, first_build, _ = built
-    roots = ",".join(str(tree / d) for d in ("doc", "info", "man"))
+    roots = _roots(tree)
     proc = _repro(
         tmp_path / "r",
         "--modes",

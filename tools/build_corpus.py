@@ -146,13 +146,13 @@ def _debian_documents(roots: list[Path], unit: str) -> Iterator[tuple[str, str]]
     """(origin, text) per document; with unit ``file`` an info manual's parts (``name.info``,
     ``name.info-1``, ... : the files of one origin under ``info/``, listed consecutively) are one."""
 
-    def document_of(item: tuple[int, tuple[str, Path, str]]) -> object:
-        index, (origin, _path, _kind) = item
-        return origin if unit == "file" and origin.startswith("info/") else index
+    def document_of(entry: tuple[str, Path, str]) -> object:
+        origin, path, _kind = entry
+        return origin if unit == "file" and origin.startswith("info/") else path
 
-    for _key, group in groupby(enumerate(_debian_files(roots)), key=document_of):
+    for _key, group in groupby(_debian_files(roots), key=document_of):
         # Parts in reading order: name.info, then name.info-1, -2, ..., -10 (not the names' order).
-        files = sorted((entry for _index, entry in group), key=lambda e: _info_part(e[1]))
+        files = sorted(group, key=lambda e: _info_part(e[1]))
         texts = [text for _origin, path, kind in files if (text := _debian_text(path, kind)) is not None]
         if texts:
             yield files[0][0], "\n\n".join(texts)
